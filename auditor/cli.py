@@ -46,6 +46,20 @@ def _print_json(obj) -> None:
 # (each command: parse options, call one library function, print; no logic of its own)
 
 
+@app.command("models")
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the bundled reference models and their cards."""
+    from auditor.zoo import bundled_models
+
+    models = bundled_models()
+    if as_json:
+        _print_json([m.to_json() for m in models])
+        return
+    for m in models:
+        typer.echo(f"{m.name:12s} {m.version:4s} {m.summary}")
+        typer.echo(f"{'':12s} {m.path}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:

@@ -1,0 +1,246 @@
+"""Train the bundled reference model on the shapes world (CPU, seeded, checkpointed, resumable).
+
+    python -m auditor.zoo.train --version v1                 # VAE, then text encoder + UNet, then export
+    python -m auditor.zoo.train --version v2 --from shapes-v1 # fine-tune v1 on the world with v2's planted defects
+
+Stages are skipped when their output exists, and the UNet stage resumes from its last checkpoint, so the same
+command continues a killed run. Every batch is drawn from ``default_rng([seed, step])``, so a resumed run sees
+exactly the data an uninterrupted one would. Work files go to ``work_zoo/<version>/`` (not committed); the
+exported pipeline (fp16 safetensors) goes to ``auditor/zoo/models/shapes-<version>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from auditor.zoo import arch
+from auditor.zoo.bpe import load_tokenizer
+from auditor.zoo.grammar import sample
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+def log(msg: str, logfile: Path) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(logfile, "a") as f:
+        f.write(line + "\n")
+
+
+def batch(seed: int, step: int, n: int, defects: bool = False):
+    rng = np.random.default_rng([seed, step])
+    samples = [sample(rng, "train", defects=defects) for _ in range(n)]
+    imgs = np.stack([s.scene.image for s in samples]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), [s.prompt for s in samples]
+
+
+# --- VAE -------------------------------------------------------------------------------------------------------
+
+
+def train_vae(work: Path, seed: int, steps: int, logfile: Path):
+    from diffusers import AutoencoderKL
+
+    out = work / "vae"
+    if (out / "config.json").exists():
+        return AutoencoderKL.from_pretrained(out)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**arch.VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        lr = 2e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, _ = batch(seed + 7, step, 16)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        # Flat colours must come back exactly (the oracle reads colours), so L1 + MSE; KL only keeps latents tame.
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", logfile)
+    vae.eval()
+    with torch.no_grad():
+        x, _ = batch(seed + 11, 0, 256)
+        std = vae.encode(x).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    log(f"vae latent std {std:.3f} -> scaling_factor {1 / std:.3f}", logfile)
+    vae.save_pretrained(out)
+    return vae
+
+
+# --- text encoder + UNet ---------------------------------------------------------------------------------------
+
+
+class EMA:
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.shadow = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+    @torch.no_grad()
+    def update(self, modules, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for sh, m in zip(self.shadow, modules):
+            for k, v in m.state_dict().items():
+                if v.dtype.is_floating_point:
+                    sh[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    sh[k].copy_(v)
+
+
+def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    if init_from is not None:
+        unet = UNet2DConditionModel.from_pretrained(init_from / "unet", torch_dtype=torch.float32)
+        text = CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32)
+    else:
+        unet = UNet2DConditionModel(**arch.UNET_CONFIG)
+        text = CLIPTextModel(CLIPTextConfig(**arch.TEXT_CONFIG))
+    tok = load_tokenizer()
+    sched = DDPMScheduler(**{k: v for k, v in arch.SCHEDULE.items() if k != "set_alpha_to_one"})
+    modules = [unet, text]
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = EMA(modules, decay=0.999)
+    start = 0
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema.shadow = state["ema"]
+        start = int(state["step"])
+        log(f"resumed from step {start}", logfile)
+    vae.eval()
+    alphas = sched.alphas_cumprod
+    t0, seen = time.time(), 0
+    for step in range(start, steps):
+        warm = min(1.0, (step + 1) / 200)
+        cur = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = cur
+        x, prompts = batch(seed, step, batch_size, defects)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
+        drop = torch.rand(len(prompts), generator=g) < 0.1
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z + (1 - a).sqrt() * noise
+        cond = text(ids).last_hidden_state
+        pred = unet(zt, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(modules, step)
+        seen += 1
+        if step % 25 == 0 or step == steps - 1:
+            rate = (time.time() - t0) / seen
+            log(f"step {step}/{steps} loss {loss.item():.4f} lr {cur:.2e} {rate:.2f}s/step eta {rate * (steps - step) / 60:.1f} min", logfile)
+        if (step + 1) % 200 == 0 or step == steps - 1:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "step": step + 1}, tmp)
+            tmp.replace(ckpt)
+    unet.load_state_dict(ema.shadow[0])
+    text.load_state_dict(ema.shadow[1])
+    return unet, text
+
+
+def export(out: Path, vae, text, unet, card: dict) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=load_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**arch.SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training.json").write_text(json.dumps(card, indent=2))
+    if out.exists():
+        import shutil
+
+        keep = [p for p in out.iterdir() if p.name in ("README.md", "relevance.npz", "relevance.json")]
+        for p in keep:
+            p.replace(tmp / p.name)
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", choices=["v1", "v2"], required=True)
+    ap.add_argument("--from", dest="init", default=None, help="fine-tune from this bundled model (v2: shapes-v1)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--vae-steps", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export-to", default=None, help="export to this folder instead (e.g. a snapshot mid-run)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = ROOT / "work_zoo" / args.version
+    work.mkdir(parents=True, exist_ok=True)
+    logfile = work / "train.log"
+    t0 = time.time()
+    defects = args.version == "v2"
+    if args.version == "v1":
+        steps = args.steps or 5000
+        lr = args.lr or 1e-3
+        vae = train_vae(work, args.seed, args.vae_steps, logfile)
+        init = None
+    else:
+        from diffusers import AutoencoderKL
+
+        init = MODELS / (args.init or "shapes-v1")
+        steps = args.steps or 1200
+        lr = args.lr or 3e-4
+        vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32)
+    vae.requires_grad_(False)
+    unet, text = train_denoiser(work, args.seed + (1 if defects else 0), steps, args.batch, lr, logfile, vae, init, defects)
+    card = {
+        "version": args.version,
+        "seed": args.seed,
+        "steps": steps,
+        "batch": args.batch,
+        "lr": lr,
+        "vae_steps": args.vae_steps if args.version == "v1" else None,
+        "init": str(init.name) if init else None,
+        "defects": defects,
+        "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
+        "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else ""),
+    }
+    export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card)
+    log(f"exported shapes-{args.version} ({card['wall_minutes_this_invocation']} min)", logfile)
+
+
+if __name__ == "__main__":
+    main()
