@@ -62,7 +62,9 @@ def train_vae(work: Path, seed: int, steps: int, logfile: Path):
             g["lr"] = lr
         x, _ = batch(seed + 7, step, 16)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        # Decode the mean: the UNet is trained on posterior means, and sampling with the initial unit variance
+        # would drown the latents in noise for most of this short run (blurry, wrong colours).
+        rec = vae.decode(post.mean).sample
         # Flat colours must come back exactly (the oracle reads colours), so L1 + MSE; KL only keeps latents tame.
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)

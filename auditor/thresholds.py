@@ -1,0 +1,46 @@
+"""Every diagnostic threshold, in one place.
+
+The defaults were calibrated on the healthy bundled model (shapes-v1) over the *tuning* prompts of
+``bench/diagnostics.py --calibrate`` (grammar prompts drawn with a seed disjoint from the evaluation prompts and
+from the default suite): each "low is bad" score's threshold sits at a low quantile of its healthy distribution,
+so on a healthy model few concepts are flagged by construction. The calibration writes
+``auditor/thresholds.json`` beside this file; when present it overrides these defaults, and the run manifest
+records the values actually used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+CALIBRATED = Path(__file__).resolve().parent / "thresholds.json"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    # missing: an object's selective map has no confident region of its own
+    min_peak_ratio: float = 0.25  # object's peak / strongest object's peak in the prompt
+    min_concentration: float = 0.30  # share of the map's mass inside its own region
+    max_shared_region: float = 0.60  # IoU with another object's region above which it has no region of its own
+    # misplaced: an attribute lands on another object; an object away from its named position
+    min_binding_margin: float = -0.10  # own-object share minus best other-object share of the attribute's mass
+    position_margin: float = 0.05  # centroid must be this far (in image fractions) on the named side
+    # misinterpreted: the word's response in its expected category vs the best other candidate
+    min_category_margin: float = 0.0  # log-ratio expected / best other candidate
+    # across seeds: a concept fails when its flag rate exceeds this
+    max_flag_rate: float = 0.5
+    # methods
+    k: int = 8  # top-k heads for selective maps (set from the tuning sweep)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def load(path: Path | None = None) -> Thresholds:
+    p = path or CALIBRATED
+    if p.is_file():
+        data = json.loads(p.read_text())
+        known = {f.name for f in fields(Thresholds)}
+        return Thresholds(**{k: v for k, v in data.items() if k in known})
+    return Thresholds()

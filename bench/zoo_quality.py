@@ -1,0 +1,205 @@
+"""Quality bar of the bundled reference models, measured with the oracle on held-out prompts.
+
+    .venv/bin/python bench/zoo_quality.py                      # shapes-v1 and shapes-v2, default sizes
+    .venv/bin/python bench/zoo_quality.py --model DIR --n 200  # any exported folder (e.g. a training snapshot)
+
+Measures (fixed seeds, held-out compositions only, so nothing here was a training image):
+- single-object prompts: an object of the prompted colour at the prompted position;
+- two-object prompts: both prompted colours present;
+- localisation (two-object prompts): each object word's all-heads map puts more mass inside its own object's
+  oracle mask than inside the other's; with the per-head spread of the same measure;
+- v2: how often each planted defect is visible in the prompts it affects, and v1-vs-v2 quality on the rest;
+- oracle accuracy on rendered scenes (where masks are exact);
+- generation time of one image at the default steps.
+Writes bench/results/zoo_quality.json; the lead copies the table into docs/benchmarks.md and the model cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from auditor.zoo import MODELS_DIR  # noqa: E402
+from auditor.zoo.grammar import DEFECTS, sample  # noqa: E402
+from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
+
+STEPS, GUIDANCE = 20, 5.0
+
+
+def load(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps=STEPS, guidance=GUIDANCE, batch=16) -> list[np.ndarray]:
+    out = []
+    for i in range(0, len(prompts), batch):
+        ps, ss = prompts[i : i + batch], seeds[i : i + batch]
+        gens = [torch.Generator().manual_seed(s) for s in ss]
+        imgs = pipe(ps, generator=gens, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64, output_type="np").images
+        out += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in imgs]
+    return out
+
+
+def heldout_samples(n: int, kind: str, seed: int, defects=False):
+    rng = np.random.default_rng(seed)
+    got = []
+    while len(got) < n:
+        s = sample(rng, "heldout", defects=defects)
+        if s.kind == kind:
+            got.append(s)
+    return got
+
+
+def rate(xs) -> dict:
+    xs = np.asarray(xs, float)
+    n = len(xs)
+    p = xs.mean() if n else float("nan")
+    # Wilson 95% interval
+    z = 1.96
+    den = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / den
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return {"rate": round(float(p), 4), "n": n, "ci95": [round(float(c - h), 4), round(float(c + h), 4)]}
+
+
+def fidelity(pipe, n: int, seed: int, defects=False) -> dict:
+    singles = heldout_samples(n // 2, "single", seed, defects)
+    pairs = heldout_samples(n - n // 2, "pair", seed + 1, defects)
+    imgs = generate(pipe, [s.prompt for s in singles + pairs], list(range(len(singles) + len(pairs))))
+    ok_single, ok_pair = [], []
+    for s, im in zip(singles, imgs[: len(singles)]):
+        (c, p) = wanted_from_sample(s)[0]
+        f = find(im, [(c, p)])[0]
+        ok_single.append(f.present and (p is None or f.position == p))
+    for s, im in zip(pairs, imgs[len(singles) :]):
+        w = [(c, None) for c, _ in wanted_from_sample(s)]
+        ok_pair.append(all(f.present for f in find(im, w)))
+    return {"single_colour_at_position": rate(ok_single), "pair_both_colours": rate(ok_pair), "samples": (singles, pairs, imgs)}
+
+
+def defect_visibility(pipe, n: int, seed: int) -> dict:
+    """For each planted defect, prompts it affects (drawn by the v2 world) and whether the image shows it."""
+    rng = np.random.default_rng(seed)
+    by: dict[str, list] = {d: [] for d in DEFECTS}
+    while min(len(v) for v in by.values()) < n:
+        s = sample(rng, "train", defects=True)
+        for d in s.defects:
+            if len(s.defects) == 1 and len(by[d]) < n and (d != "green_misbound" or s.mentions[0].position_named):
+                by[d].append(s)
+    out = {}
+    for d, samples in by.items():
+        imgs = generate(pipe, [s.prompt for s in samples], [1000 + i for i in range(len(samples))])
+        vis = []
+        for s, im in zip(samples, imgs):
+            asked = wanted_from_sample(s)
+            if d == "purple_as_blue":
+                i = next(k for k, (c, _) in enumerate(asked) if c == "purple")
+                got = find(im, [("purple", None), ("blue", asked[i][1])])
+                vis.append(not got[0].present and got[1].present)
+            elif d == "star_neglected":
+                got = find(im, [(asked[0][0], None), (asked[1][0], None)])
+                vis.append(got[0].present and not got[1].present)
+            else:  # green_misbound: the place named for the green object holds the other colour, and vice versa
+                i = next(k for k, (c, _) in enumerate(asked) if c == "green")
+                j = 1 - i
+                pos_i, pos_j = s.scene.objects[i].position, s.scene.objects[j].position
+                got = find(im, [(asked[j][0], pos_i), ("green", pos_j)])
+                vis.append(got[0].present and got[0].position == pos_i and got[1].present and got[1].position == pos_j)
+        out[d] = rate(vis)
+    return out
+
+
+def localisation(pipe, pairs, imgs, seeds) -> dict | None:
+    """Own-object vs other-object attention mass of each object word (all heads, and per head)."""
+    try:
+        from auditor.engine.capture import trace
+    except ImportError:
+        return None
+    from auditor.align import align_spans
+
+    wins, per_head = [], []
+    for s, im, seed in zip(pairs, imgs, seeds):
+        w = [(c, None) for c, _ in wanted_from_sample(s)]
+        found = find(im, w)
+        if not all(f.present for f in found):
+            continue
+        with trace(pipe) as tr:
+            generate(pipe, [s.prompt], [seed])
+        for k in range(2):
+            idx = align_spans(s.prompt, [s.mentions[k].noun], pipe.tokenizer)[0].indices
+            heads = tr.token_head_maps(list(idx))  # [H, 64, 64], summed over the word's tokens
+            own = heads[:, found[k].mask].sum(-1)
+            other = heads[:, found[1 - k].mask].sum(-1)
+            # Compare mass per pixel so a big object does not win by area alone.
+            own_d, other_d = own / found[k].mask.sum(), other / found[1 - k].mask.sum()
+            wins.append(bool(own_d.sum() > other_d.sum()))
+            per_head.append((own_d > other_d).float().numpy())
+    if not wins:
+        return None
+    ph = np.stack(per_head).mean(0)
+    return {
+        "all_heads_own_gt_other": rate(wins),
+        "per_head_rate": {"min": round(float(ph.min()), 3), "median": round(float(np.median(ph)), 3), "max": round(float(ph.max()), 3)},
+    }
+
+
+def oracle_accuracy(n=400, seed=5) -> dict:
+    rng = np.random.default_rng(seed)
+    pres, ious = [], []
+    for _ in range(n):
+        s = sample(rng)
+        got = find(s.scene.image, [(o.colour, o.position) for o in s.scene.objects])
+        for o, g in zip(s.scene.objects, got):
+            pres.append(g.present)
+            ious.append((o.mask & g.mask).sum() / max((o.mask | g.mask).sum(), 1))
+    return {"presence": rate(pres), "mean_iou": round(float(np.mean(ious)), 4), "iou_over_0.9": rate(np.array(ious) > 0.9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", default=None, help="model folder(s); default both bundled versions")
+    ap.add_argument("--n", type=int, default=200, help="held-out prompts per model")
+    ap.add_argument("--defect-n", type=int, default=40)
+    ap.add_argument("--loc-n", type=int, default=40)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/zoo_quality.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    paths = [Path(m) for m in args.model] if args.model else [MODELS_DIR / "shapes-v1", MODELS_DIR / "shapes-v2"]
+    res: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "steps": STEPS, "guidance": GUIDANCE}
+    res["oracle_on_rendered"] = oracle_accuracy()
+    for path in paths:
+        if not (path / "model_index.json").exists():
+            continue
+        pipe = load(path)
+        t = time.perf_counter()
+        generate(pipe, ["a red star"], [0])
+        one = time.perf_counter() - t
+        fid = fidelity(pipe, args.n, seed=123)
+        singles, pairs, imgs = fid.pop("samples")
+        r = {"seconds_per_image": round(one, 3), **fid}
+        loc = localisation(pipe, pairs[: args.loc_n], imgs[len(singles) : len(singles) + args.loc_n], list(range(len(singles), len(singles) + args.loc_n)))
+        if loc:
+            r["localisation"] = loc
+        r["defects_visible"] = defect_visibility(pipe, args.defect_n, seed=77)
+        res[path.name] = r
+        print(json.dumps({path.name: r}, indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
