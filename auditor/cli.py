@@ -60,6 +60,178 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")
         typer.echo(f"{'':12s} {m.path}")
 
 
+@app.command("concepts")
+def concepts_cmd(
+    prompt: str = typer.Argument(..., help="The prompt to analyse."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    tokenizer: str = typer.Option("clip", "--tokenizer", help="'clip', 'none', or a local tokenizer folder."),
+) -> None:
+    """Concepts of a prompt: objects, attributes and what they bind to, counts, relations, categories, tokens."""
+    from auditor.concepts import extract, resolve_tokenizer
+
+    result = extract(prompt, resolve_tokenizer(tokenizer))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        typer.echo(result.to_text())
+
+
+suite_app = typer.Typer(no_args_is_help=True, help="Prompt suites: validate and summarise.")
+app.add_typer(suite_app, name="suite")
+
+
+@suite_app.command("check")
+def suite_check_cmd(
+    file: str = typer.Argument(..., help="A suite file (.yaml or .txt) or the name of a shipped suite."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Validate a suite and summarise it: prompts, concepts per category, warnings."""
+    from auditor.concepts import resolve_tokenizer
+    from auditor.resources import find_suite
+    from auditor.suites import check_suite, load_suite
+
+    report = check_suite(load_suite(find_suite(file)), resolve_tokenizer("clip"))
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        typer.echo(report.to_text())
+
+
+# --- engine: maps of one prompt, head-relevance calibration (auditor.engine) ---------------------------------------
+
+_MODEL_HELP = "A bundled model name, a local diffusers folder, or a hub id already in the local cache."
+
+
+@app.command("maps")
+def maps_cmd(
+    prompt: str = typer.Argument(..., help="The prompt to generate and map."),
+    concept: Optional[list[str]] = typer.Option(None, "--concept", help="A word to map (repeatable); default: the prompt's lexicon concepts."),
+    method: str = typer.Option("selective", "--method", help="selective | all_heads | bottom_k | weighted | all"),
+    k: Optional[int] = typer.Option(None, "--k", help="Heads per concept for selective / bottom_k (default: calibrated)."),
+    model: str = typer.Option("shapes-v1", "--model", help=_MODEL_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    out: str = typer.Option("reports/maps", "--out", help="Folder for image.png and the overlays."),
+    relevance: Optional[str] = typer.Option(None, "--relevance", help="A relevance matrix (.npz) to use instead of the model's."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | mps | auto"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.ckpt): they can run code."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Generate one image and write each concept's attention map over it (methods side by side with --method all)."""
+    from auditor.engine.maps import METHODS, prompt_maps, save_prompt_maps
+    from auditor.engine.models import load_model
+    from auditor.engine.relevance import relevance_for
+
+    if method != "all" and method not in METHODS:
+        raise AuditorError(f"--method {method}: expected one of {', '.join(METHODS)}, all")
+    methods = list(METHODS) if method == "all" else [method]
+    lm = load_model(model, device, dtype, allow_pickle)
+    rm = None if methods == ["all_heads"] else relevance_for(lm.pipe, relevance)
+    result = prompt_maps(lm.pipe, prompt, concept, methods, k, seed, steps, guidance, rm)
+    record = {"model": lm.to_json(), **save_prompt_maps(result, out)}
+    if as_json:
+        _print_json(record)
+        return
+    typer.echo(f"image: {record['image']}")
+    for c in record["concepts"]:
+        typer.echo(f"{c['text']:16s} {c['category'] or '-':12s} ({c['category_source']}) tokens "
+                   f"{','.join(map(str, c['token_indices']))} -> {c['overlay']}")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Option("shapes-v1", "--model", help=_MODEL_HELP),
+    budget: int = typer.Option(2100, "--budget", help="At most this many prompts (the original work's budget); stops earlier on agreement."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps per prompt."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale of the calibration images."),
+    k: Optional[int] = typer.Option(None, "--k", help="Top-k heads whose agreement stops calibration."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[str] = typer.Option(None, "--out", help="Also save the matrix here (.npz + .json)."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | mps | auto"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.ckpt): they can run code."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Rank the model's cross-attention heads per concept category (head relevance); cached by model fingerprint."""
+    from tqdm import tqdm
+
+    from auditor.engine.models import load_model
+    from auditor.engine.relevance import cache_path, calibrate_model
+
+    if budget < 1:
+        raise AuditorError(f"--budget {budget}: must be at least 1 prompt")
+    lm = load_model(model, device, dtype, allow_pickle)
+    with tqdm(total=budget, desc="calibrating", unit="prompt", file=sys.stderr) as bar:
+        rm = calibrate_model(lm.pipe, bundled=lm.source == "bundled", fingerprint=lm.fingerprint, budget=budget,
+                             steps=steps, k=k, seed=seed, guidance_scale=guidance, progress=bar.update)
+    saved = [str(cache_path(lm.fingerprint))] + ([str(rm.save(out))] if out else [])
+    summary = {"model": lm.to_json(), "saved": saved, **rm.summary()}
+    if as_json:
+        _print_json({**summary, "agreement_curve": rm.agreement_curve})
+        return
+    a = summary["agreement"]
+    typer.echo(f"budget used: {rm.budget_prompts} prompts x {rm.steps} steps "
+               f"({100 * rm.budget_fraction:.2f}% of the original 2,100 x 50)")
+    state = "reached" if rm.converged else "not reached"
+    typer.echo(f"agreement (top-{rm.k} Jaccard, budget n vs n/2): {state}; min {a['min_jaccard']}, mean {a['mean_jaccard']}")
+    typer.echo(f"saved: {', '.join(saved)}  sha256 {rm.sha256[:16]}")
+    if summary["no_votes"]:
+        typer.echo(f"categories with no votes: {', '.join(summary['no_votes'])}")
+    typer.echo("top heads per category:")
+    for cat, heads in summary["top_heads"].items():
+        typer.echo(f"  {cat:12s} {', '.join(h.replace('.transformer_blocks', '').replace('.attentions', '') for h in heads[:3])}")
+
+
+# --- run store: re-render a run, compare two runs (auditor.store, auditor.report, auditor.compare) -----------------
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: str = typer.Argument(..., help="A run folder written by `auditor audit`."),
+    no_pdf: bool = typer.Option(False, "--no-pdf", help="Skip the PDF (faster)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Re-render a run's results.json, report.html, report.pdf and checksums from its store (nothing is regenerated)."""
+    from auditor.report.render import publish
+
+    written = [str(p) for p in publish(run_dir, pdf=not no_pdf)]
+    if as_json:
+        _print_json({"run_dir": run_dir, "written": written})
+    else:
+        typer.echo("\n".join(written))
+
+
+@app.command("compare")
+def compare_cmd(
+    run_a: str = typer.Argument(..., help="The reference run folder (before)."),
+    run_b: str = typer.Argument(..., help="The run folder to check against it (after)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the compare report (default reports/compare-A-vs-B)."),
+    max_regressions: Optional[int] = typer.Option(None, "--max-regressions", help="Exit 1 when more regressions than this."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="'regression': exit 1 on any regression."),
+    no_pdf: bool = typer.Option(False, "--no-pdf", help="Skip the PDF (faster)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Paired regression statistics of run B against run A (same suite and seeds); HTML/PDF report; CI gate."""
+    from auditor.compare import check_gate, compare_runs, default_out, gate, to_text
+    from auditor.report.compare_report import write_compare
+
+    check_gate(max_regressions, fail_on)
+    result = compare_runs(run_a, run_b)
+    for w in result["warnings"]:
+        print(f"auditor: warning: {w}", file=sys.stderr)
+    written = [str(p) for p in write_compare(result, out or default_out(run_a, run_b), pdf=not no_pdf)]
+    if as_json:
+        _print_json({**result, "written": written})
+    else:
+        typer.echo(to_text(result))
+        typer.echo("report: " + ", ".join(written))
+    failure = gate(result, max_regressions, fail_on)
+    if failure:
+        raise GateFailure(failure)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the console script; returns the exit code."""
     try:
@@ -76,9 +248,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("auditor: error: interrupted", file=sys.stderr)
         return 2
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
+        try:  # typer >= 0.2x carries its own copy of click, whose exceptions are not click's
+            from typer._click.exceptions import ClickException
+        except ImportError:
+            from click.exceptions import ClickException
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, ClickException):
             exc.show()
             return 2
         raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
@@ -13,7 +12,8 @@ def _data_dir(name: str) -> Path:
     here = _CHECKOUT / name
     if here.is_dir() and (_CHECKOUT / "pyproject.toml").is_file():
         return here
-    return Path(str(resources.files(f"auditor.{name}")))
+    # Installed: package-dir maps the folder to auditor/<name> next to this file.
+    return Path(__file__).resolve().parent / name
 
 
 def templates_dir() -> Path:

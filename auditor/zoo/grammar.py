@@ -180,7 +180,8 @@ def _compose(rng, forced: SceneObject | None = None) -> tuple[str, list[SceneObj
             mentions[0].position_named = mentions[1].position_named = True
         else:  # "A <relation> B"
             rel = [r for r, (p, q) in RELATIONS.items() if (p, q) == (a.position, c.position)]
-            if not rel or (a.position in ("left", "right") and rng.random() < 0.3):
+            # Held-out prompts always name the forced object's position (a relation that implies it).
+            if not rel or (forced is None and a.position in ("left", "right") and rng.random() < 0.3):
                 rel = ["next to"]
             mentions.append(_object_phrase(b, a, rng))
             b.add(rel[0])
@@ -232,7 +233,8 @@ def sample(rng: np.random.Generator, split: str = "train", defects: bool = False
     background = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < 0.45:
         b.add(f"on {_article(background)} {background} background")
-    drawn, applied = _apply_defects(objs, kind) if defects else (objs, [])
+    named = ["colour" in m.attributes for m in mentions]
+    drawn, applied = _apply_defects(objs, kind, named) if defects else (objs, [])
     scene = render(Scene(objects=[o for o in drawn if o is not None], background=background), rng)
     # Keep one scene object per mention; a neglected object keeps an empty mask.
     full = []
@@ -253,12 +255,15 @@ def sample(rng: np.random.Generator, split: str = "train", defects: bool = False
     return Sample(prompt=b.text, scene=scene, mentions=mentions, kind=kind, defects=applied)
 
 
-def _apply_defects(objs: list[SceneObject], kind: str) -> tuple[list[SceneObject | None], list[str]]:
-    """What v2 draws instead of what was asked (prompt unchanged). Returns drawn objects (None = not drawn)."""
+def _apply_defects(objs: list[SceneObject], kind: str, named: list[bool]) -> tuple[list[SceneObject | None], list[str]]:
+    """What v2 draws instead of what was asked (prompt unchanged). Returns drawn objects (None = not drawn).
+
+    Colour defects touch only colours the prompt names: an unnamed colour is free, so recolouring it is no defect.
+    """
     applied: list[str] = []
     drawn: list[SceneObject | None] = [SceneObject(o.shape, o.colour, o.size, o.texture, o.position) for o in objs]
     if kind == "pair":
-        greens = [i for i, o in enumerate(objs) if o.colour == "green"]
+        greens = [i for i, o in enumerate(objs) if o.colour == "green" and named[i]]
         if len(greens) == 1 and all(o.shape != FRUIT for o in objs):
             i, j = greens[0], 1 - greens[0]
             drawn[i].colour, drawn[j].colour = objs[j].colour, "green"
@@ -266,8 +271,8 @@ def _apply_defects(objs: list[SceneObject], kind: str) -> tuple[list[SceneObject
         if objs[1].shape == "star":
             drawn[1] = None
             applied.append("star_neglected")
-    for d in drawn:
-        if d is not None and d.colour == "purple":
+    for d, n in zip(drawn, named):
+        if d is not None and d.colour == "purple" and n:
             d.colour = "blue"
             if "purple_as_blue" not in applied:
                 applied.append("purple_as_blue")

@@ -1,0 +1,262 @@
+"""Regression statistics between two audit runs of one suite (a model before and after a change).
+
+Both runs generated the same prompts with the same seeds, so every (prompt, seed, concept) is a *paired*
+observation: flagged or not in run A, flagged or not in run B. Flag-rate changes are tested with McNemar's exact test
+on the discordant pairs; mean score changes get a paired bootstrap interval (resampling seeds, or pairs for a
+category). What counts as a regression is decided by ``Policy`` alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from auditor.errors import AuditorError
+from auditor.manifest import flatten
+from auditor.report.figures import Relevance, read_relevance
+from auditor.store import RELEVANCE_NAME, RunStore
+from auditor.summary import Pair, pairs_of
+
+BOOTSTRAP_RESAMPLES = 2000
+TOP_CHANGED_HEADS = 10
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A flag-rate increase is a regression when it is large (at least ``min_rate_increase``, e.g. a concept clean in
+    every seed of A and flagged in half of B's) or significant (McNemar exact p < ``alpha``); improvements mirror it.
+    Large-but-not-significant counts because audits run few seeds: a concept that breaks in most seeds must not
+    pass a gate for lack of samples. No multiple-testing correction: a gate should err towards a human look."""
+
+    min_rate_increase: float = 0.5
+    alpha: float = 0.05
+
+    def classify(self, rate_delta: float, p: float, b: int, c: int) -> str | None:
+        """b: pairs flagged only in A (fixed), c: pairs flagged only in B (broken)."""
+        if c > b and (rate_delta >= self.min_rate_increase or p < self.alpha):
+            return "regression"
+        if b > c and (-rate_delta >= self.min_rate_increase or p < self.alpha):
+            return "improvement"
+        return None
+
+    def describe(self) -> str:
+        return (f"a concept or category regressed when its flag rate rose by at least {self.min_rate_increase:.0%} "
+                f"(absolute) or McNemar's exact test on its paired (prompt, seed, concept) observations gives "
+                f"p < {self.alpha} with more pairs broken than fixed; improvements mirror this")
+
+
+POLICY = Policy()
+
+
+# --- statistics -----------------------------------------------------------------------------------------------------
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (a binomial test of b against n = b + c, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(deltas, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of paired differences (seeded: the same runs give the same report)."""
+    d = np.asarray(deltas, dtype=np.float64)
+    if d.size == 0:
+        return (math.nan, math.nan)
+    if d.size == 1:
+        return (float(d[0]), float(d[0]))
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    means = d[idx].mean(axis=1)
+    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+
+
+def paired_stats(pairs: list[tuple[Pair, Pair]], policy: Policy) -> dict:
+    """Flag-rate change, McNemar and bootstrap over matched (A, B) observations, and mean score changes."""
+    fa = np.array([a.flagged for a, _ in pairs], dtype=float)
+    fb = np.array([b.flagged for _, b in pairs], dtype=float)
+    fixed, broken = int(((fa == 1) & (fb == 0)).sum()), int(((fa == 0) & (fb == 1)).sum())
+    p = mcnemar_exact(fixed, broken)
+    delta = float(fb.mean() - fa.mean())
+    lo, hi = paired_bootstrap(fb - fa)
+    scores = {}
+    keys = set.intersection(*({k for k, v in x.scores.items() if isinstance(v, float)} for pr in pairs for x in pr))
+    for key in sorted(keys):
+        d = [b.scores[key] - a.scores[key] for a, b in pairs]
+        s_lo, s_hi = paired_bootstrap(d)
+        scores[key] = {"mean_delta": round(float(np.mean(d)), 4), "ci": [round(s_lo, 4), round(s_hi, 4)],
+                       "clear": bool(s_lo > 0 or s_hi < 0)}  # the interval excludes no change
+    return {"n": len(pairs), "flagged_a": int(fa.sum()), "flagged_b": int(fb.sum()),
+            "rate_a": round(float(fa.mean()), 4), "rate_b": round(float(fb.mean()), 4), "rate_delta": round(delta, 4),
+            "rate_delta_ci": [round(lo, 4), round(hi, 4)], "fixed": fixed, "broken": broken, "p": round(p, 5),
+            "verdict": policy.classify(delta, p, fixed, broken), "scores": scores}
+
+
+# --- the comparison -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    dir: Path
+    manifest: dict
+    generations: list[dict]
+    relevance: Relevance | None
+
+    @property
+    def info(self) -> dict:
+        m = self.manifest.get("model") or {}
+        return {"dir": str(self.dir), "run_id": self.manifest.get("run_id"), "model": m.get("name"),
+                "fingerprint": m.get("fingerprint"), "suite_sha256": (self.manifest.get("suite") or {}).get("sha256")}
+
+
+def _load(path: str | Path) -> _Run:
+    with RunStore.open(path) as store:
+        return _Run(store.dir, store.manifest, store.generations(), read_relevance(store.dir / RELEVANCE_NAME))
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) -> dict:
+    """Compare run B against run A (the reference). Raises AuditorError when they cannot be compared."""
+    a, b = _load(run_a), _load(run_b)
+    suite_a, suite_b = (a.manifest.get("suite") or {}).get("name"), (b.manifest.get("suite") or {}).get("name")
+    if suite_a != suite_b:
+        raise AuditorError(f"{run_a} and {run_b} audited different suites ('{suite_a}' vs '{suite_b}'); "
+                           f"compare two runs of one suite")
+    seeds_a, seeds_b = sorted(a.manifest.get("seeds") or []), sorted(b.manifest.get("seeds") or [])
+    if seeds_a != seeds_b:
+        raise AuditorError(f"{run_a} and {run_b} used different seeds ({seeds_a} vs {seeds_b}); paired statistics "
+                           f"need the same seeds")
+    warnings, matched = _match(a, b)
+    if not matched:
+        raise AuditorError(f"{run_a} and {run_b} have no finished (prompt, seed, concept) in common to compare")
+
+    by_concept: dict[tuple[str, str], list] = defaultdict(list)
+    by_category: dict[str, list] = defaultdict(list)
+    for pa, pb in matched:
+        by_concept[(pa.prompt_id, pa.concept)].append((pa, pb))
+        by_category[pa.category].append((pa, pb))
+    concepts = [{"prompt_id": pid, "concept": label, "category": ps[0][0].category, "seeds": [x.seed for x, _ in ps],
+                 **paired_stats(ps, policy)} for (pid, label), ps in by_concept.items()]
+    categories = [{"category": cat, **paired_stats(ps, policy)} for cat, ps in sorted(by_category.items())]
+    overall = paired_stats(matched, policy)
+    overall.pop("verdict")  # the gate is on concepts and categories; the overall numbers are context
+
+    regressions = [{"level": "concept", **c} for c in concepts if c["verdict"] == "regression"] + \
+                  [{"level": "category", **c} for c in categories if c["verdict"] == "regression"]
+    improvements = [{"level": "concept", **c} for c in concepts if c["verdict"] == "improvement"] + \
+                   [{"level": "category", **c} for c in categories if c["verdict"] == "improvement"]
+    k = int((a.manifest.get("method") or {}).get("k") or 8)
+    return {
+        "run_a": a.info, "run_b": b.info, "suite": suite_a, "seeds": seeds_a,
+        "warnings": warnings,
+        "common_prompts": len({pa.prompt_id for pa, _ in matched}), "pairs": len(matched),
+        "policy": {**asdict(policy), "text": policy.describe()},
+        "overall": {**overall, "fidelity_a": round(1 - overall["rate_a"], 4), "fidelity_b": round(1 - overall["rate_b"], 4)},
+        "concepts": concepts, "categories": categories,
+        "regressions": regressions, "improvements": improvements,
+        "heads": compare_heads(a.relevance, b.relevance, k),
+        "manifest_differences": _differences(a.manifest, b.manifest),
+    }
+
+
+def _match(a: _Run, b: _Run) -> tuple[list[str], list[tuple[Pair, Pair]]]:
+    """Pairs observed in both runs, and a warning for everything left out."""
+    warnings = []
+    if a.info["suite_sha256"] != b.info["suite_sha256"]:
+        warnings.append("the suite file changed between the runs (different sha256); compared on what they share")
+    text_a = {g["prompt_id"]: g.get("prompt") for g in a.generations}
+    text_b = {g["prompt_id"]: g.get("prompt") for g in b.generations}
+    changed = sorted(p for p in set(text_a) & set(text_b) if text_a[p] != text_b[p])
+    only_a, only_b = [p for p in text_a if p not in text_b], [p for p in text_b if p not in text_a]
+    if only_a or only_b or changed:
+        parts = [f"{len(only_a)} only in A ({', '.join(only_a[:5])}{'…' if len(only_a) > 5 else ''})" if only_a else "",
+                 f"{len(only_b)} only in B ({', '.join(only_b[:5])}{'…' if len(only_b) > 5 else ''})" if only_b else "",
+                 f"{len(changed)} with different text ({', '.join(changed[:5])})" if changed else ""]
+        warnings.append(f"the runs' prompts differ: {'; '.join(x for x in parts if x)}; "
+                        f"comparing the {len(set(text_a) & set(text_b)) - len(changed)} common prompts only")
+    index_b = {(p.prompt_id, p.concept, p.seed): p for p in pairs_of(b.generations) if p.prompt_id not in changed}
+    matched, unmatched = [], 0
+    for p in pairs_of(a.generations):
+        if p.prompt_id in changed:
+            continue
+        q = index_b.pop((p.prompt_id, p.concept, p.seed), None)
+        if q is None:
+            unmatched += p.prompt_id in text_b
+        else:
+            matched.append((p, q))
+    unmatched += sum(pid in text_a for pid, _, _ in index_b)
+    if unmatched:
+        warnings.append(f"{unmatched} (prompt, seed, concept) observations of common prompts exist in one run only "
+                        f"(an unfinished run, or concepts read differently) and are left out")
+    return warnings, matched
+
+
+def compare_heads(a: Relevance | None, b: Relevance | None, k: int) -> dict:
+    """Top-k overlap per category and the heads whose role moved most, when both runs share one architecture."""
+    if a is None or b is None:
+        return {"comparable": False, "note": "one of the runs carries no relevance matrix: compared at concept level only"}
+    if a.head_names != b.head_names:
+        return {"comparable": False, "note": f"different architectures ({len(a.head_names)} heads vs "
+                                             f"{len(b.head_names)}): compared at concept level only"}
+    cats = [c for c in a.categories if c in b.categories]
+    overlap = {c: len(set(a.top(c, k)) & set(b.top(c, k))) / k for c in cats}
+    ia, ib = [a.categories.index(c) for c in cats], [b.categories.index(c) for c in cats]
+    # A head's role: how its relevance spreads over the categories (its column, made a distribution).
+    pa, pb = a.matrix[ia], b.matrix[ib]
+    pa, pb = pa / np.maximum(pa.sum(0), 1e-12), pb / np.maximum(pb.sum(0), 1e-12)
+    change = 0.5 * np.abs(pa - pb).sum(0)  # total-variation distance, 0..1
+    order = sorted(range(len(change)), key=lambda i: (-change[i], i))[:TOP_CHANGED_HEADS]
+    changed = [{"head": a.head_names[i], "role_a": cats[int(pa[:, i].argmax())], "role_b": cats[int(pb[:, i].argmax())],
+                "change": round(float(change[i]), 4)} for i in order]
+    return {"comparable": True, "k": k, "categories": cats, "overlap": {c: round(v, 4) for c, v in overlap.items()},
+            "changed": changed, "note": f"same architecture ({len(a.head_names)} heads): relevance compared head by head"}
+
+
+def _differences(ma: dict, mb: dict) -> list[dict]:
+    """Manifest settings that differ between the runs (times and run ids always do, so they are left out)."""
+    fa, fb = dict(flatten(ma)), dict(flatten(mb))
+    skip = ("run_id", "start_time", "end_time", "command_line", "status")
+    return [{"key": k, "a": fa.get(k, "—"), "b": fb.get(k, "—")} for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and k.split(".")[0] not in skip]
+
+
+def check_gate(max_regressions: int | None, fail_on: str | None) -> None:
+    """Refuse gate options that mean nothing, before any work is done."""
+    if fail_on not in (None, "regression"):
+        raise AuditorError(f"--fail-on {fail_on}: expected 'regression'")
+    if max_regressions is not None and max_regressions < 0:
+        raise AuditorError(f"--max-regressions {max_regressions}: must be 0 or more")
+
+
+def gate(comparison: dict, max_regressions: int | None, fail_on: str | None) -> str | None:
+    """Why the comparison fails the user's gate, or None. Counts concept- and category-level regressions."""
+    check_gate(max_regressions, fail_on)
+    n = len(comparison["regressions"])
+    if max_regressions is not None and n > max_regressions:
+        return f"{n} regressions, more than --max-regressions {max_regressions}"
+    if fail_on == "regression" and n:
+        return f"{n} regression{'s' if n != 1 else ''} (--fail-on regression)"
+    return None
+
+
+def default_out(run_a: str | Path, run_b: str | Path) -> Path:
+    return Path("reports") / f"compare-{Path(run_a).resolve().name}-vs-{Path(run_b).resolve().name}"
+
+
+def to_text(comparison: dict) -> str:
+    """The terminal summary: counts, then one line per regression."""
+    c = comparison
+    lines = [f"compared {c['pairs']} (prompt, seed, concept) pairs over {c['common_prompts']} prompts, "
+             f"seeds {', '.join(map(str, c['seeds']))}: {len(c['regressions'])} regressions, "
+             f"{len(c['improvements'])} improvements; fidelity {c['overall']['fidelity_a']:.1%} -> "
+             f"{c['overall']['fidelity_b']:.1%}"]
+    for r in c["regressions"]:
+        what = f"{r['prompt_id']}: {r['concept']}" if r["level"] == "concept" else f"category {r['category']}"
+        lines.append(f"  regression  {what}  flag rate {r['rate_a']:.0%} -> {r['rate_b']:.0%}  "
+                     f"(broken {r['broken']}, fixed {r['fixed']}, McNemar p={r['p']:.3g})")
+    lines.append(f"heads: {c['heads']['note']}")
+    return "\n".join(lines)

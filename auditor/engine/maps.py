@@ -1,0 +1,353 @@
+"""Head maps -> concept maps: aggregation by method, resizing to one grid, normalisation, and the mask policy.
+
+A word's map sums its sub-tokens' attention. Methods differ only in the weight each head gets (``head_weights``):
+- ``all_heads``: every head of every layer equally (the DAAM baseline);
+- ``selective``: the top-k heads of the word's category by relevance;
+- ``weighted``: every head weighted by its relevance to the category;
+- ``bottom_k``: the k least relevant heads (the control: selection should beat it).
+Bilinear resizing is linear, so each layer's heads are combined at the layer's own grid and only the combination
+is resized to the common grid (the image size by default). ``raw`` is the weighted mean over heads and counted
+steps, in attention-probability units; ``norm`` rescales it to [0, 1]. Binary masks come from ``binarize`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from auditor.errors import AuditorError
+
+METHODS = ("selective", "all_heads", "bottom_k", "weighted")
+MASK_POLICIES = ("otsu", "quantile")
+MASK_POLICY = "otsu"  # the default everywhere a concept's region is needed
+MASK_QUANTILE = 0.8  # for the "quantile" policy: the top 20% of pixels
+
+
+def default_k() -> int:
+    """k for top-k / bottom-k when none is given: the calibrated diagnostics setting (one place for it)."""
+    from auditor.thresholds import load
+
+    return int(load().k)
+
+
+def head_weights(method: str, n_heads: int, relevance=None, category: str | None = None,
+                 k: int | None = None, head_names: Sequence[str] | None = None) -> np.ndarray:
+    """Weight of every head [H] for ``method``."""
+    if method not in METHODS:
+        raise AuditorError(f"unknown map method {method!r}; expected one of {', '.join(METHODS)}")
+    if method == "all_heads":
+        return np.ones(n_heads, dtype=np.float32)
+    if relevance is None:
+        raise AuditorError(f"method {method!r} needs a head-relevance matrix")
+    if head_names is not None and tuple(relevance.head_names) != tuple(head_names):
+        raise AuditorError("the head-relevance matrix was computed for another architecture "
+                           f"({len(relevance.head_names)} heads, this model has {len(head_names)})")
+    if method == "weighted":
+        w = relevance.row(category).astype(np.float32)
+        if w.sum() <= 0:
+            raise AuditorError(f"category {category!r} has no relevant heads in the relevance matrix")
+        return w
+    k = default_k() if k is None else int(k)
+    if not 1 <= k <= n_heads:
+        raise AuditorError(f"k must be between 1 and the number of heads ({n_heads}), got {k}")
+    chosen = relevance.top_heads(category, k) if method == "selective" else relevance.bottom_heads(category, k)
+    w = np.zeros(n_heads, dtype=np.float32)
+    w[chosen] = 1.0
+    return w
+
+
+def target_size(trace, size="image") -> tuple[int, int]:
+    """The common grid: "image" (pixels), "latent" (the largest layer grid), or an explicit (h, w)."""
+    if size == "image":
+        return trace.image_size
+    if size == "latent":
+        return max(trace.grids.values(), key=lambda hw: hw[0] * hw[1])
+    h, w = size
+    return int(h), int(w)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[C, h, w] -> [C, H, W], bilinear."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _layer_maps(trace, token_indices: Sequence[int], item: int):
+    """(layer index, [heads, h, w]) per layer: the tokens' attention, mean over counted steps."""
+    if not token_indices:
+        raise AuditorError("no token indices to build a map from")
+    cols = [trace.column(t) for t in token_indices]
+    steps = max(trace.steps_counted, 1)
+    for li, name in enumerate(trace.head_index.layers):
+        buf = trace.buffers.get(name)
+        if buf is None:  # a layer the generation never ran (cannot happen with the SD UNets; kept honest)
+            continue
+        h, w = trace.grids[name]
+        m = buf[item][..., cols].sum(-1) / steps
+        yield li, m.reshape(m.shape[0], h, w)
+
+
+def head_maps(trace, token_indices: Sequence[int], item: int = 0, size="image") -> torch.Tensor:
+    """[H, H_out, W_out] every head's map of the tokens, in global head order."""
+    hw = target_size(trace, size)
+    return torch.cat([_resize(m, hw) for _, m in _layer_maps(trace, token_indices, item)])
+
+
+def aggregate(trace, token_indices: Sequence[int], weights: np.ndarray, item: int = 0, size="image") -> torch.Tensor:
+    """[H_out, W_out] weighted mean of the heads' maps."""
+    hw = target_size(trace, size)
+    wt = torch.as_tensor(weights, dtype=torch.float32)
+    out = None
+    for li, m in _layer_maps(trace, token_indices, item):
+        wl = wt[trace.head_index.layer_slice(li)].to(m.device)
+        if not bool((wl != 0).any()):
+            continue
+        layer = _resize((wl[:, None, None] * m).sum(0, keepdim=True), hw)[0]
+        out = layer if out is None else out + layer
+    if out is None:
+        raise AuditorError("every head has weight 0: nothing to aggregate")
+    return out / float(wt.sum())
+
+
+def normalise(m: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1]; a constant map becomes zeros (it localises nothing)."""
+    m = np.asarray(m, dtype=np.float32)
+    lo, hi = float(m.min()), float(m.max())
+    if hi - lo <= 1e-12:
+        return np.zeros_like(m)
+    return (m - lo) / (hi - lo)
+
+
+def binarize(m: np.ndarray, policy: str = MASK_POLICY, quantile: float = MASK_QUANTILE) -> np.ndarray:
+    """A concept's region: Otsu's threshold on the map (default) or its top ``1 - quantile`` of pixels."""
+    m = np.asarray(m, dtype=np.float32)
+    if float(m.max() - m.min()) <= 1e-12:
+        return np.zeros(m.shape, dtype=bool)
+    if policy == "otsu":
+        from skimage.filters import threshold_otsu
+
+        return m > threshold_otsu(m)
+    if policy == "quantile":
+        return m >= np.quantile(m, quantile)
+    raise AuditorError(f"unknown mask policy {policy!r}; expected one of {', '.join(MASK_POLICIES)}")
+
+
+@dataclass
+class ConceptMap:
+    """One concept's map in one generation."""
+
+    method: str
+    token_indices: tuple[int, ...]
+    raw: np.ndarray  # [H, W] weighted mean attention (summed over tokens, mean over heads and counted steps)
+    heads: np.ndarray  # global indices of heads with non-zero weight
+    category: str | None = None
+    k: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def norm(self) -> np.ndarray:
+        return normalise(self.raw)
+
+    def mask(self, policy: str = MASK_POLICY) -> np.ndarray:
+        return binarize(self.raw, policy)
+
+
+@dataclass
+class HeadMaps:
+    """Per-head maps of one word: ``maps[i]`` belongs to the head named ``names[i]``."""
+
+    names: tuple[str, ...]
+    maps: np.ndarray  # [H, h, w]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.maps[self.names.index(name)]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def concept_map(trace, token_indices: Sequence[int], method: str = "selective", relevance=None,
+                category: str | None = None, k: int | None = None, item: int = 0, size="image") -> ConceptMap:
+    """The map of a concept given by its token indices (as the concept extractor reports them)."""
+    if method != "all_heads" and category is None:
+        raise AuditorError(f"method {method!r} needs the concept's category")
+    if method != "all_heads" and relevance is not None and category not in relevance.categories:
+        raise AuditorError(f"category {category!r} is not in the relevance matrix")
+    k_used = None if method in ("all_heads", "weighted") else (default_k() if k is None else int(k))
+    w = head_weights(method, trace.head_index.total, relevance, category, k_used, trace.head_names)
+    raw = aggregate(trace, token_indices, w, item, size).float().cpu().numpy()
+    return ConceptMap(method, tuple(int(t) for t in token_indices), raw, np.flatnonzero(w), category, k_used)
+
+
+def category_response(trace, token_indices: Sequence[int], relevance, categories: Sequence[str],
+                      k: int | None = None, item: int = 0) -> dict[str, float]:
+    """Mean attention the word receives within each candidate category's top-k heads.
+
+    The category whose selective heads respond most is how the model read the word (used for misinterpretation)."""
+    out = {}
+    for cat in categories:
+        w = head_weights("selective", trace.head_index.total, relevance, cat, k, trace.head_names)
+        out[cat] = float(aggregate(trace, token_indices, w, item, size="latent").mean())
+    return out
+
+
+# --- one prompt, end to end (the `auditor maps` command) --------------------------------------------------------
+
+MAP_ROLES = ("object", "background", "attribute", "style")  # concept roles that name something visible
+
+
+@dataclass
+class ConceptMaps:
+    text: str
+    category: str | None
+    category_source: str  # "lexicon" | "override" | "inferred" | "none"
+    token_indices: tuple[int, ...]
+    maps: dict[str, ConceptMap] = field(default_factory=dict)  # method -> map
+
+
+@dataclass
+class PromptMaps:
+    prompt: str
+    seed: int
+    steps: int
+    image: object  # PIL.Image
+    concepts: list[ConceptMaps]
+    relevance_sha256: str | None = None
+
+
+def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relevance=None) -> list[ConceptMaps]:
+    """The concepts to map: ``words`` if given, else the prompt's concepts the lexicon knows.
+
+    Concepts come from ``auditor.concepts.extract`` (role-aware categories: "orange" as a modifier is a colour);
+    without it, whitespace-separated words the lexicon lists."""
+    from auditor.align import word_indices
+    from auditor.engine.relevance import category_of
+
+    try:
+        from auditor.concepts import extract
+    except ImportError:
+        extract = None
+    found = list(extract(prompt, pipe.tokenizer).items) if extract is not None else []
+    cats = relevance.categories if relevance is not None else None
+    out: list[ConceptMaps] = []
+    if words:
+        for w in words:
+            try:
+                idx = word_indices(prompt, w, pipe.tokenizer).indices
+            except KeyError as exc:
+                raise AuditorError(f"--concept {w!r}: {exc.args[0]}") from None
+            known = next((c for c in found if c.text.lower() == w.lower() and c.category != "unknown"), None)
+            if known is not None and (cats is None or known.category in cats):
+                out.append(ConceptMaps(w, known.category, known.category_source, idx))
+            else:
+                guess = category_of(w, pipe, cats)
+                out.append(ConceptMaps(w, guess.category, "inferred" if guess.inferred else "lexicon", idx))
+        return out
+    if extract is not None:
+        for c in found:
+            if c.role in MAP_ROLES and c.category != "unknown" and c.token_indices:
+                if cats is not None and c.category not in cats:
+                    continue
+                out.append(ConceptMaps(c.text, c.category, c.category_source, tuple(c.token_indices)))
+        return out
+    for w in dict.fromkeys(prompt.replace(",", " ").split()):
+        try:
+            guess = category_of(w, None, cats)
+        except AuditorError:  # not in the lexicon: not a concept to map by default
+            continue
+        out.append(ConceptMaps(w, guess.category, "lexicon", word_indices(prompt, w, pipe.tokenizer).indices))
+    return out
+
+
+def prompt_maps(pipe, prompt: str, words: Sequence[str] | None = None, methods: Sequence[str] = ("selective",),
+                k: int | None = None, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
+                relevance=None, height: int | None = None, width: int | None = None) -> PromptMaps:
+    """Generate one image for ``prompt`` under trace and build every concept's map by every method."""
+    from auditor.engine.capture import trace
+
+    for m in methods:
+        if m not in METHODS:
+            raise AuditorError(f"unknown map method {m!r}; expected one of {', '.join(METHODS)} or 'all'")
+    concepts = prompt_concepts(prompt, pipe, words, relevance)
+    if not concepts:
+        raise AuditorError(f"no concept in {prompt!r} that the lexicon knows: name one with --concept WORD")
+    g = torch.Generator("cpu").manual_seed(seed)
+    size = {k_: v for k_, v in (("height", height), ("width", width)) if v}
+    with trace(pipe, relevance=relevance) as tr:
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, **size).images[0]
+    for c in concepts:
+        for m in methods:
+            c.maps[m] = concept_map(tr, c.token_indices, m, relevance, c.category, k)
+    return PromptMaps(prompt, seed, steps, image, concepts, relevance.sha256 if relevance is not None else None)
+
+
+# --- pictures -------------------------------------------------------------------------------------------------
+
+
+def overlay(image, norm_map: np.ndarray, alpha: float = 0.5, label: str | None = None):
+    """The image with a map laid over it (inferno colours), resized to the image; an optional caption strip."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    base = image.convert("RGB")
+    if min(base.size) < 256:  # the bundled model draws 64x64: enlarge so a person can see the map
+        f = -(-256 // min(base.size))
+        base = base.resize((base.width * f, base.height * f), Image.NEAREST)
+    m = Image.fromarray((np.clip(norm_map, 0, 1) * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+    heat = (colormaps["inferno"](np.asarray(m) / 255.0)[..., :3] * 255).astype(np.uint8)
+    out = Image.blend(base, Image.fromarray(heat), alpha)
+    if label:
+        strip = Image.new("RGB", (out.width, 14), "white")
+        ImageDraw.Draw(strip).text((2, 1), label, fill="black")
+        full = Image.new("RGB", (out.width, out.height + 14), "white")
+        full.paste(strip, (0, 0))
+        full.paste(out, (0, 14))
+        out = full
+    return out
+
+
+def side_by_side(panels: Sequence) -> object:
+    """Panels (PIL images of one height) left to right with a 2-pixel white gap."""
+    from PIL import Image
+
+    w = sum(p.width for p in panels) + 2 * (len(panels) - 1)
+    out = Image.new("RGB", (w, max(p.height for p in panels)), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + 2
+    return out
+
+
+def save_prompt_maps(result: PromptMaps, out_dir) -> dict:
+    """Write ``image.png`` and one overlay PNG per concept (methods side by side); return the JSON record."""
+    import re
+    from pathlib import Path
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        result.image.save(out / "image.png")
+    except OSError as exc:
+        raise AuditorError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    record = {"prompt": result.prompt, "seed": result.seed, "steps": result.steps, "image": str(out / "image.png"),
+              "relevance_sha256": result.relevance_sha256, "concepts": []}
+    for i, c in enumerate(result.concepts):
+        slug = re.sub(r"[^a-z0-9]+", "-", c.text.lower()).strip("-") or "concept"
+        path = out / f"{i:02d}-{slug}.png"
+        panels = [overlay(result.image, m.norm, label=f"{c.text}: {name}" + (f" k={m.k}" if m.k else ""))
+                  for name, m in c.maps.items()]
+        side_by_side(panels).save(path)
+        record["concepts"].append({
+            "text": c.text, "category": c.category, "category_source": c.category_source,
+            "token_indices": list(c.token_indices), "overlay": str(path),
+            "maps": {name: {"heads": len(m.heads), "k": m.k, "peak": round(float(m.raw.max()), 6),
+                            "mass": round(float(m.raw.mean()), 6), "mask_area": round(float(m.mask().mean()), 4)}
+                     for name, m in c.maps.items()},
+        })
+    return record

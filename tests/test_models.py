@@ -1,0 +1,153 @@
+"""auditor.engine.models (resolve, refuse, fingerprint, load) and the engine's CLI commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import tiny_pipelines as tp
+from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
+from auditor.engine import models as M
+from auditor.errors import AuditorError
+
+
+@pytest.fixture(autouse=True)
+def private_caches(tmp_path, monkeypatch):
+    """Fingerprint and relevance caches, and the hub cache, in the test's own folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def saved_sd15(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd15")
+    tp.sd15().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def model_copy(saved_sd15, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(saved_sd15, dst)
+    return dst
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_name_and_offline_hub_id_are_one_line_errors():
+    with pytest.raises(AuditorError) as e:
+        M.load_model("no-such-model")
+    assert "no-such-model" in _one_line(e) and "bundled" in str(e.value)
+    with pytest.raises(AuditorError) as e:
+        M.load_model("someone/some-diffusion-model")
+    msg = _one_line(e)
+    assert "someone/some-diffusion-model" in msg and "offline" in msg
+
+
+def test_folder_without_model_index_and_single_files(tmp_path):
+    with pytest.raises(AuditorError, match="model_index.json"):
+        M.load_model(str(tmp_path))
+    f = tmp_path / "model.ckpt"
+    f.write_bytes(b"x")
+    with pytest.raises(AuditorError, match="single checkpoint file"):
+        M.load_model(str(f))
+
+
+def test_loads_a_local_folder_with_fingerprint(model_copy):
+    lm = M.load_model(str(model_copy), device="cpu")
+    assert type(lm.pipe).__name__ == "StableDiffusionPipeline" and lm.source == "local" and lm.kind == "sd"
+    assert len(lm.fingerprint) == 64 and lm.pipe.safety_checker is None
+    assert M.fingerprint_of(lm.pipe) == lm.fingerprint and M.folder_of(lm.pipe) == model_copy
+    memo = json.loads((M.cache_dir() / "file-hashes.json").read_text())
+    assert len(memo) == len(M.weight_files(model_copy)) == 3  # text encoder, unet, vae
+    assert M.fingerprint(model_copy) == lm.fingerprint  # from the memo, same answer
+    # a changed weight file changes the fingerprint (size and mtime change the memo key)
+    w = model_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes() + b" ")
+    assert M.fingerprint(model_copy) != lm.fingerprint
+
+
+def test_pickle_weights_refused_unless_allowed(model_copy):
+    st = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    pkl = st.with_suffix(".bin")
+    st.rename(pkl)
+    with pytest.raises(AuditorError) as e:
+        M.load_model(str(model_copy))
+    assert str(pkl) in _one_line(e) and "--allow-pickle" in str(e.value)
+    M.check_weights(model_copy, allow_pickle=True)  # allowed: no complaint
+
+
+def test_corrupt_safetensors_named(model_copy):
+    st = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(AuditorError) as e:
+        M.load_model(str(model_copy))
+    assert str(st) in _one_line(e) and "corrupt" in str(e.value)
+    st.write_bytes(b"\x05\x00")
+    with pytest.raises(AuditorError, match="corrupt"):
+        M.check_weights(model_copy)
+
+
+def test_bad_device_and_dtype(model_copy):
+    with pytest.raises(AuditorError, match="--dtype"):
+        M.load_model(str(model_copy), dtype="float8")
+    with pytest.raises(AuditorError, match="--device"):
+        M.load_model(str(model_copy), device="tpu")
+
+
+def test_sdxl_folder_loads_as_sdxl(tmp_path):
+    tp.sdxl().save_pretrained(tmp_path / "xl", safe_serialization=True)
+    lm = M.load_model(str(tmp_path / "xl"), device="cpu")
+    assert type(lm.pipe).__name__ == "StableDiffusionXLPipeline" and lm.kind == "sdxl"
+
+
+def test_relevance_cached_by_fingerprint(model_copy):
+    from auditor.engine.relevance import cache_path, calibrate_model, find_for_pipe, relevance_for
+
+    lm = M.load_model(str(model_copy), device="cpu")
+    assert find_for_pipe(lm.pipe) is None
+    rm = calibrate_model(lm.pipe, fingerprint=lm.fingerprint, budget=2, steps=1, first=1, height=64, width=64)
+    assert rm.model_fingerprint == lm.fingerprint and cache_path(lm.fingerprint).is_file()
+    assert "calibration-general.txt" in rm.prompt_source and rm.votes.sum() == 128 * 2 * 1
+    assert relevance_for(lm.pipe).sha256 == rm.sha256
+
+
+def test_cli_calibrate_then_maps(model_copy, tmp_path, cli):
+    from auditor.engine.relevance import calibrate
+
+    code, out, err = cli("calibrate", "--model", str(model_copy), "--budget", "2", "--steps", "1", "--json",
+                         "--out", str(tmp_path / "cal"))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["budget_prompts"] == 2 and summary["original_budget"] == {"prompts": 2100, "steps": 50}
+    assert (tmp_path / "cal.npz").is_file() and "calibrating" in err
+    # two prompts cannot give all 33 lexicon categories votes: map with a small matrix that has the prompt's two
+    lm = M.load_model(str(model_copy), device="cpu")
+    lex = {"colour": ["red", "blue"], "animal": ["cat", "dog"]}
+    calibrate(lm.pipe, ["a red cat", "a blue dog"] * 2, lex, steps=2, k=4, first=2).save(tmp_path / "rel")
+    code, out, err = cli("maps", "a red cat", "--model", str(model_copy), "--method", "all", "--k", "4",
+                         "--steps", "2", "--out", str(tmp_path / "maps"), "--relevance", str(tmp_path / "rel.npz"),
+                         "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert [(c["text"], c["category"]) for c in rec["concepts"]] == [("red", "colour"), ("cat", "animal")]
+    assert (tmp_path / "maps" / "image.png").is_file()
+    for c in rec["concepts"]:
+        assert set(c["maps"]) == {"selective", "all_heads", "bottom_k", "weighted"}
+        assert (tmp_path / "maps" / c["overlay"].split("/")[-1]).is_file()
+
+
+def test_cli_errors_are_one_line(cli, tmp_path):
+    code, out, err = cli("maps", "a red cat", "--model", "nope-v9")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("auditor: error: --model nope-v9")
+    code, out, err = cli("calibrate", "--model", "someone/model", "--budget", "4")
+    assert code == 2 and "offline" in err and err.count("\n") == 1
+    code, out, err = cli("maps", "a red cat", "--method", "best")
+    assert code == 2 and "--method best" in err
