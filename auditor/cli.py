@@ -7,7 +7,9 @@ A user error prints exactly one line: ``auditor: error: <message>``.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -184,6 +186,74 @@ def calibrate_cmd(
         typer.echo(f"  {cat:12s} {', '.join(h.replace('.transformer_blocks', '').replace('.attentions', '') for h in heads[:3])}")
 
 
+# --- the audit (auditor.runs) ---------------------------------------------------------------------------------
+
+
+def _seed_list(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise AuditorError(f"--seeds {text!r}: expected a comma list of integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise AuditorError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+@app.command("audit")
+def audit_cmd(
+    suite: str = typer.Argument(..., help="A prompt suite (.yaml or .txt), or the name of a shipped one."),
+    model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma list, e.g. 0,1,2 (default: the suite's)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: the suite's)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default reports/<run-id>/)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run in this folder."),
+    no_pdf: bool = typer.Option(False, "--no-pdf", help="Skip the PDF report."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="missing | misplaced | misinterpreted | any: exit 1 when the audit finds them."),
+    k: Optional[int] = typer.Option(None, "--k", help="Heads per concept for selective maps (default: calibrated)."),
+    relevance: Optional[str] = typer.Option(None, "--relevance", help="A relevance matrix (.npz) to use instead of the model's."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | mps | auto"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.ckpt): they can run code."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Audit a model on a prompt suite: generate, map every concept with its category's top heads, flag what is
+    missing, misplaced or misinterpreted; write the run folder with HTML and PDF reports."""
+    from tqdm import tqdm
+
+    from auditor.runs import AuditOptions, FAIL_ON, raise_gate, run_audit
+
+    if fail_on is not None and fail_on not in FAIL_ON:
+        raise AuditorError(f"--fail-on {fail_on!r}: expected one of {', '.join(FAIL_ON)}")
+    if resume and out and Path(out).resolve() != Path(resume).resolve():
+        raise AuditorError("--resume continues the run in its own folder: leave out --out")
+    opts = AuditOptions(suite=suite, model=model, seeds=_seed_list(seeds), steps=steps, out=out, resume=resume,
+                        pdf=not no_pdf, device=device, dtype=dtype, relevance=relevance, allow_pickle=allow_pickle,
+                        k=k, fail_on=fail_on)
+
+    def bar(total: int, done: int):
+        return tqdm(total=total, initial=done, desc="generations", unit="image", file=sys.stderr,
+                    disable=as_json and not sys.stderr.isatty())
+
+    result = run_audit(opts, sys.argv, progress=bar)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        s = result.summary
+        p, f = s["prompts"], s["fidelity"]
+        typer.echo(f"run: {result.run_dir}  ({result.generated} generated, {result.skipped} resumed, "
+                   f"{result.seconds:.0f} s)")
+        typer.echo(f"prompts: {p['passed']} passed, {p['flagged']} flagged of {p['total']}; "
+                   f"fidelity {f['score']} (95% CI {f['ci'][0]}-{f['ci'][1]})")
+        typer.echo("flags: " + ", ".join(f"{t} {n}" for t, n in s["flags_by_type"].items()))
+        acc = s.get("acceptance") or {}
+        if acc.get("declared"):
+            typer.echo(f"acceptance: {'PASS' if acc['passed'] else 'FAIL'}")
+        typer.echo("report: " + ", ".join(str(x) for x in result.files if x.suffix in (".html", ".pdf")))
+    raise_gate(result)
+
+
 # --- run store: re-render a run, compare two runs (auditor.store, auditor.report, auditor.compare) -----------------
 
 
@@ -234,6 +304,10 @@ def compare_cmd(
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    # The libraries' advice (install accelerate, sequence longer than 77) is not the user's problem: our own
+    # messages say what matters, on one line.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         app(args=argv, prog_name="auditor", standalone_mode=False)
     except AuditorError as exc:

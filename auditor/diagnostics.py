@@ -1,15 +1,22 @@
 """Verdicts per concept of one generation, from its selective map: missing, misplaced, misinterpreted.
 
 Nothing here knows the shapes world: it reads concept records (role, category, binding, named position, relations)
-and the maps the engine built from a relevance matrix, so it runs the same on a real checkpoint.
+and the maps the engine built from a relevance matrix, so it runs the same on a real checkpoint. Every score is
+scale-free (a ratio, a share, an overlap, a position in image fractions, a log-ratio), so thresholds calibrated on
+one model mean the same thing on another.
 
-- **missing** (an object the model neglected): its selective map has no confident region of its own — its peak is
-  weak next to the prompt's other objects, its mass is diffuse, or its region is mostly another object's region;
-- **misplaced**: an attribute's mass lands on another object's region rather than its own object's (leakage /
-  wrong binding), or an object's map sits away from the position or relation the prompt names;
-- **misinterpreted**: across the categories the word can belong to, its attention within each category's top heads
-  is strongest for a category its role does not imply ("orange" as a modifier should win colour).
-Thresholds: ``auditor.thresholds`` (one place).
+- **missing** (an object the model neglected), for objects of prompts that name several: its selective map has no
+  confident region of its own — its peak is weak next to the strongest object's (``peak_ratio``), its mass is
+  diffuse (``concentration``: share of the mass inside its own region), or its region is mostly a stronger
+  object's region (``shared_region``: IoU);
+- **misplaced**: an attribute's mass lands on another object's region rather than its own object's
+  (``binding_margin``: own-region share minus the best other object's share), or an object's map sits on the wrong
+  side of the image or of another object for the position or relation the prompt names (``side_offset``);
+- **misinterpreted**: for a word with several candidate readings (categories), its attention within each
+  category's top heads is stronger for another category than the one its role implies (``category_margin``).
+
+Scores do not depend on thresholds: ``scores`` computes them, ``flags_from_scores`` applies thresholds, so stored
+results can be re-judged (``flags_from_records``) without the maps. Thresholds: ``auditor.thresholds`` (one place).
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ SIDES = {  # named position -> (axis, sign): axis 0 = x, 1 = y; sign -1 = low si
 RELATION_SIDES = {"to the left of": (0, -1), "left of": (0, -1), "to the right of": (0, 1), "right of": (0, 1),
                   "above": (1, -1), "on top of": (1, -1), "over": (1, -1), "below": (1, 1), "under": (1, 1),
                   "beneath": (1, 1)}
+# threshold field -> (score it cuts, the side that is bad, the role the score exists for): used by calibration
+SCORE_DIRECTIONS = {
+    "min_peak_ratio": ("peak_ratio", "low", "object"),
+    "min_concentration": ("concentration", "low", "object"),
+    "max_shared_region": ("shared_region", "high", "object"),
+    "min_binding_margin": ("binding_margin", "low", "attribute"),
+    "position_margin": ("side_offset", "low", "object"),
+    "min_category_margin": ("category_margin", "low", None),
+}
 
 
 @dataclass
@@ -42,7 +58,7 @@ class ConceptView:
     text: str
     role: str  # object | attribute | ...
     category: str
-    raw: np.ndarray  # selective map before normalisation [S, S] (attention probability, summed over tokens)
+    raw: np.ndarray | None  # selective map before normalisation [S, S]; None when re-judging stored scores
     binds_to: int | None = None  # index of the object an attribute modifies
     position: str | None = None  # absolute position the prompt names for an object
     relations: list[tuple[str, int]] = field(default_factory=list)  # (relation, other object index), this = subject
@@ -73,17 +89,32 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _centroid(raw: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Mass-weighted centre of the region, as fractions of width and height (0 = left / top)."""
     w = raw * mask
     if w.sum() <= 0:
         w = raw
     ys, xs = np.mgrid[0 : raw.shape[0], 0 : raw.shape[1]]
     s = w.sum() + 1e-12
-    return float((w * xs).sum() / s / (raw.shape[1] - 1)), float((w * ys).sum() / s / (raw.shape[0] - 1))
+    return float((w * xs).sum() / s / max(raw.shape[1] - 1, 1)), float((w * ys).sum() / s / max(raw.shape[0] - 1, 1))
 
 
 def _severity(excess: float) -> str:
-    """How far past its threshold a score is, in units of the threshold's own scale."""
-    return "high" if excess > 1.0 else "medium" if excess > 0.4 else "low"
+    """How far past its threshold a score is, as a share of the threshold's distance to the score's far end."""
+    return "high" if excess > 0.5 else "medium" if excess > 0.2 else "low"
+
+
+def _past(value: float, threshold: float, direction: str, lo: float, hi: float) -> float:
+    """How far ``value`` is past ``threshold`` towards the bad end of [lo, hi], in [0, 1]."""
+    span = (threshold - lo) if direction == "low" else (hi - threshold)
+    d = (threshold - value) if direction == "low" else (value - threshold)
+    return max(0.0, min(1.0, d / span)) if span > 1e-9 else 1.0
+
+
+def views_by(views: list[ConceptView], index: int) -> ConceptView:
+    return next(v for v in views if v.index == index)
+
+
+# --- scores ---------------------------------------------------------------------------------------------------
 
 
 def scores(views: list[ConceptView]) -> dict[int, dict]:
@@ -102,13 +133,13 @@ def scores(views: list[ConceptView]) -> dict[int, dict]:
             "concentration": float((v.raw * m).sum() / total),
         }
         s["centroid_x"], s["centroid_y"] = _centroid(v.raw, m)
-        if v.role == "object":
+        if v.role == "object" and len(objects) > 1:
             s["peak_ratio"] = s["peak"] / top_peak if top_peak > 0 else 0.0
-            others = [(o.index, _iou(m, masks[o.index])) for o in objects if o.index != v.index]
-            # An object whose region is mostly another one's: only the weaker of the two has no region of its own.
-            shared = [(j, iou) for j, iou in others if float(views_by(views, j).raw.max()) >= s["peak"]]
-            s["shared_region"] = max((iou for _, iou in shared), default=0.0)
-            s["shared_with"] = max(shared, key=lambda t: t[1])[0] if shared else None
+            # Overlap with a stronger object's region: the weaker of two objects sharing a region has none of its own.
+            shared = [(o.index, _iou(m, masks[o.index])) for o in objects
+                      if o.index != v.index and float(o.raw.max()) >= s["peak"]]
+            j, best = max(shared, key=lambda t: t[1]) if shared else (None, 0.0)
+            s["shared_region"], s["shared_with"] = best, j
         if v.binds_to is not None and len(objects) > 1:
             own = float((v.raw * masks[v.binds_to]).sum() / total)
             other = [(o.index, float((v.raw * masks[o.index]).sum() / total)) for o in objects if o.index != v.binds_to]
@@ -123,91 +154,135 @@ def scores(views: list[ConceptView]) -> dict[int, dict]:
             s["category_margin"] = math.log((exp + 1e-9) / (rivals[rc] + 1e-9))
             s["rival_category"] = rc
         out[v.index] = s
+    for v in views:  # where the prompt puts an object: needs every centroid first
+        if v.role == "object":
+            out[v.index].update(_side_scores(v, out))
     return out
 
 
-def views_by(views: list[ConceptView], index: int) -> ConceptView:
-    return next(v for v in views if v.index == index)
+def _side_scores(v: ConceptView, sc: dict) -> dict:
+    """The most wrong of the object's named position and relations: how far (image fractions) its centroid is on
+    the named side (positive) or the other side (negative)."""
+    s = sc[v.index]
+    c = (s["centroid_x"], s["centroid_y"])
+    worst: dict = {}
+    if v.position in SIDES:
+        axis, sign = SIDES[v.position]
+        worst = {"side_offset": (c[axis] - 0.5) * sign, "side_rule": v.position}
+    for rel, other in v.relations:
+        if rel not in RELATION_SIDES or other not in sc:
+            continue
+        axis, sign = RELATION_SIDES[rel]
+        off = (c[axis] - (sc[other]["centroid_x"], sc[other]["centroid_y"])[axis]) * sign
+        if not worst or off < worst["side_offset"]:
+            worst = {"side_offset": off, "side_rule": rel, "side_other": other}
+    return worst
 
 
-def diagnose(views: list[ConceptView], th: Thresholds) -> tuple[dict[int, dict], list[Flag]]:
-    """Scores and flags for every concept of one generation."""
-    sc = scores(views)
+# --- verdicts -------------------------------------------------------------------------------------------------
+
+
+def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresholds) -> list[Flag]:
+    """The flags the thresholds raise on precomputed scores (no maps needed)."""
     flags: list[Flag] = []
     for v in views:
         s = sc[v.index]
         name = f"'{v.text}'"
         if v.role == "object":
-            reasons, excess = [], 0.0
-            if s["peak_ratio"] < th.min_peak_ratio:
-                reasons.append(f"its peak is {s['peak_ratio']:.0%} of the strongest object's")
-                excess = max(excess, (th.min_peak_ratio - s["peak_ratio"]) / th.min_peak_ratio * 2)
-            if s["concentration"] < th.min_concentration:
-                reasons.append(f"only {s['concentration']:.0%} of its attention falls in its own region")
-                excess = max(excess, (th.min_concentration - s["concentration"]) / th.min_concentration * 2)
-            if s["shared_region"] > th.max_shared_region:
-                other = views_by(views, s["shared_with"]).text
-                reasons.append(f"its region is {s['shared_region']:.0%} the same as '{other}'s")
-                excess = max(excess, (s["shared_region"] - th.max_shared_region) / (1 - th.max_shared_region + 1e-9))
-            if reasons:
-                flags.append(Flag("missing", _severity(excess),
-                                  f"{name}: its {v.category} heads find no region of its own ({'; '.join(reasons)}) "
-                                  f"— the object is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region")))
-            pos_flag = _position_flag(v, s, sc, views, th)
-            if pos_flag:
-                flags.append(pos_flag)
-        if "binding_margin" in s and s["binding_margin"] < th.min_binding_margin:
+            f = _missing(v, s, views, th)
+            if f:
+                flags.append(f)
+            f = _misplaced_object(v, s, views, th)
+            if f:
+                flags.append(f)
+        if s.get("binding_margin") is not None and s["binding_margin"] < th.min_binding_margin:
             own = views_by(views, v.binds_to).text
             other = views_by(views, s["other_object"]).text
-            excess = (th.min_binding_margin - s["binding_margin"]) / 0.3
+            excess = _past(s["binding_margin"], th.min_binding_margin, "low", -1.0, 1.0)
             flags.append(Flag("misplaced", _severity(excess),
-                              f"{name} on '{own}': its {v.category} heads put {s['other_share']:.0%} of its attention on "
-                              f"'{other}' and {s['own_share']:.0%} on '{own}' — the {v.category} probably went to the wrong object",
+                              f"{name} (said of '{own}'): its {v.category} heads put {s['other_share']:.0%} of their "
+                              f"attention on '{other}' and {s['own_share']:.0%} on '{own}' (margin "
+                              f"{s['binding_margin']:+.2f}, threshold {th.min_binding_margin:+.2f}) — the "
+                              f"{v.category} probably went to '{other}'",
                               v.index, _pick(s, "own_share", "other_share", "binding_margin")))
-        if "category_margin" in s and s["category_margin"] < th.min_category_margin:
-            excess = (th.min_category_margin - s["category_margin"]) / 0.5
+        if s.get("category_margin") is not None and s["category_margin"] < th.min_category_margin:
+            excess = _past(s["category_margin"], th.min_category_margin, "low",
+                           th.min_category_margin - 2.0, th.min_category_margin + 2.0)
             flags.append(Flag("misinterpreted", _severity(excess),
-                              f"{name} reads as {s['rival_category']}, not {v.expected_category}: its attention within the "
-                              f"{s['rival_category']} heads beats its {v.expected_category} heads "
-                              f"(log-ratio {s['category_margin']:+.2f}) — the model may have misread the word",
+                              f"{name} reads as {s['rival_category']}, not {v.expected_category}: its attention within "
+                              f"the {s['rival_category']} heads is close to or above its {v.expected_category} heads' "
+                              f"(log-ratio {s['category_margin']:+.2f}, threshold {th.min_category_margin:+.2f}) — "
+                              f"the model may have misread the word",
                               v.index, _pick(s, "expected_response", "category_margin", "winner")))
-    return sc, flags
+    return flags
+
+
+def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
+    reasons, excess = [], 0.0
+    if s.get("peak_ratio") is not None and s["peak_ratio"] < th.min_peak_ratio:
+        reasons.append(f"its peak is {s['peak_ratio']:.0%} of the strongest object's (threshold {th.min_peak_ratio:.0%})")
+        excess = max(excess, _past(s["peak_ratio"], th.min_peak_ratio, "low", 0.0, 1.0))
+    if s.get("concentration") is not None and s["concentration"] < th.min_concentration:
+        reasons.append(f"only {s['concentration']:.0%} of its attention falls in its own region "
+                       f"(threshold {th.min_concentration:.0%})")
+        excess = max(excess, _past(s["concentration"], th.min_concentration, "low", 0.0, 1.0))
+    if s.get("shared_region") is not None and s["shared_region"] > th.max_shared_region:
+        other = views_by(views, s["shared_with"]).text
+        reasons.append(f"its region overlaps '{other}'s by {s['shared_region']:.0%} IoU "
+                       f"(threshold {th.max_shared_region:.0%})")
+        excess = max(excess, _past(s["shared_region"], th.max_shared_region, "high", 0.0, 1.0))
+    if not reasons:
+        return None
+    return Flag("missing", _severity(excess),
+                f"'{v.text}': its {v.category} heads find no region of its own ({'; '.join(reasons)}) — the object "
+                f"is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region"))
+
+
+def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
+    off = s.get("side_offset")
+    if off is None or off >= th.position_margin:
+        return None
+    excess = _past(off, th.position_margin, "low", -0.5, 0.5)
+    where = f"its map is centred at x={s['centroid_x']:.2f}, y={s['centroid_y']:.2f}"
+    if s.get("side_other") is not None:
+        o = views_by(views, s["side_other"]).text
+        msg = f"'{v.text}' should be {s['side_rule']} '{o}', but {where}, {off:+.2f} on that side of '{o}'s"
+    else:
+        msg = f"'{v.text}': the prompt puts it at the {s['side_rule']}, but {where} ({off:+.2f} towards that side)"
+    return Flag("misplaced", _severity(excess), msg + f" (threshold {th.position_margin:+.2f})", v.index,
+                _pick(s, "side_offset", "centroid_x", "centroid_y"))
 
 
 def _pick(s: dict, *keys) -> dict:
-    return {k: s[k] for k in keys if k in s}
+    return {k: s[k] for k in keys if s.get(k) is not None}
 
 
-def _position_flag(v: ConceptView, s: dict, sc: dict, views, th: Thresholds) -> Flag | None:
-    c = (s["centroid_x"], s["centroid_y"])
-    if v.position in SIDES:
-        axis, sign = SIDES[v.position]
-        off = (c[axis] - 0.5) * sign  # positive when on the named side
-        if off < th.position_margin:
-            return Flag("misplaced", _severity((th.position_margin - off) / 0.25),
-                        f"'{v.text}': the prompt puts it {('on the ' if axis == 0 else 'at the ') + v.position}, but its map "
-                        f"is centred at x={c[0]:.2f}, y={c[1]:.2f}", v.index, {"centroid_x": c[0], "centroid_y": c[1]})
-    for rel, other in v.relations:
-        if rel not in RELATION_SIDES:
-            continue
-        axis, sign = RELATION_SIDES[rel]
-        oc = (sc[other]["centroid_x"], sc[other]["centroid_y"])
-        off = (c[axis] - oc[axis]) * sign
-        if off < th.position_margin:
-            o = views_by(views, other).text
-            return Flag("misplaced", _severity((th.position_margin - off) / 0.25),
-                        f"'{v.text}' should be {rel} '{o}', but its map is centred at "
-                        f"({c[0]:.2f}, {c[1]:.2f}) and '{o}'s at ({oc[0]:.2f}, {oc[1]:.2f})", v.index,
-                        {"centroid_x": c[0], "centroid_y": c[1], "other_x": oc[0], "other_y": oc[1]})
-    return None
+def diagnose(views: list[ConceptView], th: Thresholds) -> tuple[dict[int, dict], list[Flag]]:
+    """Scores and flags for every concept of one generation."""
+    sc = scores(views)
+    return sc, flags_from_scores(views, sc, th)
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a rate k/n (well-behaved at 0/n and n/n, unlike the normal approximation)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
+# --- stored results -------------------------------------------------------------------------------------------
+
+
+def views_from_records(records: list[dict], maps: dict | None = None) -> list[ConceptView]:
+    """Concept views rebuilt from results.json concept records (``maps``: ``{"<i>_selective": raw}``, optional)."""
+    views = []
+    for i, r in enumerate(records):
+        raw = None
+        if maps is not None:
+            raw = maps.get(f"{i}_{r.get('map_method', 'selective')}")
+            raw = None if raw is None else np.asarray(raw, dtype=np.float32)
+        resp = dict(r.get("category_response") or {})
+        views.append(ConceptView(index=i, text=r["text"], role=r["role"], category=r.get("category"), raw=raw,
+                                 binds_to=r.get("binds_to"), position=r.get("position"),
+                                 relations=[(x["relation"], x["object"]) for x in r.get("relations") or []],
+                                 category_response=resp, expected_category=r.get("category") if resp else None))
+    return views
+
+
+def flags_from_records(records: list[dict], th: Thresholds) -> list[Flag]:
+    """Re-judge stored concept records (their ``scores``) under other thresholds."""
+    views = views_from_records(records)
+    return flags_from_scores(views, {i: r.get("scores") or {} for i, r in enumerate(records)}, th)

@@ -52,7 +52,7 @@ class Defaults(_Model):
     steps: StrictInt = Field(30, ge=1, le=1000)
     seeds: tuple[StrictInt, ...] = Field((0,), min_length=1)
     guidance: StrictFloat = Field(7.5, ge=0, le=50)
-    resolution: tuple[StrictInt, StrictInt] = (512, 512)  # (height, width)
+    resolution: tuple[StrictInt, StrictInt] | None = None  # (height, width); None: the model's native size
 
     @field_validator("seeds")
     @classmethod
@@ -70,7 +70,7 @@ class Defaults(_Model):
     @classmethod
     def _multiple_of_8(cls, v):
         # The VAE downsamples by 8; any other size is silently cropped by the pipeline.
-        if any(x < 8 or x % 8 for x in v):
+        if v is not None and any(x < 8 or x % 8 for x in v):
             raise ValueError("resolution must be positive multiples of 8")
         return v
 
@@ -352,7 +352,7 @@ class SuiteCheck:
         d = s.defaults
         out = [f"suite {s.name}: {len(s.prompts)} prompts ({s.path})",
                f"defaults: steps {d.steps}, seeds {list(d.seeds)}, guidance {d.guidance}, "
-               f"resolution {d.resolution[0]}x{d.resolution[1]}",
+               "resolution " + (f"{d.resolution[0]}x{d.resolution[1]}" if d.resolution else "the model's native size"),
                "concepts by role: " + ", ".join(f"{k} {v}" for k, v in self.roles.items()),
                "concepts by category:"]
         width = max(map(len, self.categories), default=0)

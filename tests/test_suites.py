@@ -199,7 +199,7 @@ def test_shipped_suites_pass_check(name, at_least, cli):
 def test_fidelity_core_covers_its_themes():
     suite = load_suite(suites_dir() / "fidelity-core.yaml")
     d = suite.defaults
-    assert (d.steps, d.seeds, d.guidance, d.resolution) == (30, (0, 1), 7.5, (512, 512))
+    assert (d.steps, d.seeds, d.guidance, d.resolution) == (30, (0, 1), 7.5, (512, 512))  # set in the file
     tags = {t for p in suite.prompts for t in p.tags}
     assert {"binding", "count", "spatial", "polysemy", "style", "negation"} <= tags
 

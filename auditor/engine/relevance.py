@@ -459,6 +459,10 @@ def calibrate_model(pipe, *, bundled: bool = False, fingerprint: str | None = No
 
     fp = fingerprint or fingerprint_of(pipe)
     prompts, source = default_prompts(budget, bundled, seed)
+    if bundled and calibrate_kwargs.get("lexicon") is None:
+        from auditor.zoo import lexicon
+
+        calibrate_kwargs["lexicon"] = lexicon()  # only the words the shapes world taught the model
     rm = calibrate(pipe, prompts, steps=steps, seed=seed, fingerprint=fp, prompt_source=source, **calibrate_kwargs)
     if save and fp is not None:
         rm.save(cache_path(fp))

@@ -48,3 +48,19 @@ def bundled_models() -> list[BundledModel]:
 
 def bundled_model(name: str) -> BundledModel | None:
     return next((m for m in bundled_models() if m.name == name), None)
+
+
+def lexicon() -> dict[str, list[str]]:
+    """The world's words by category (the project lexicon's category names): what a bundled model can be
+    calibrated on. Categories the world never draws (animals, vehicles...) have no words the model learned."""
+    from auditor.zoo.world import BACKGROUNDS, COLOURS, FRUIT, POSITIONS, SHAPES, SIZES, TEXTURES
+
+    return {
+        "colour": sorted(set(COLOURS) | set(BACKGROUNDS)),
+        "shape": list(SHAPES),
+        "size": list(SIZES),
+        "texture": list(TEXTURES),
+        "food": [FRUIT],
+        "background": ["background"],
+        "spatial": list(POSITIONS),
+    }

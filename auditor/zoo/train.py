@@ -194,7 +194,7 @@ def export(out: Path, vae, text, unet, card: dict) -> None:
     if out.exists():
         import shutil
 
-        keep = [p for p in out.iterdir() if p.name in ("README.md", "relevance.npz", "relevance.json")]
+        keep = [p for p in out.iterdir() if p.name in ("README.md", "card.json", "relevance.npz", "relevance.json")]
         for p in keep:
             p.replace(tmp / p.name)
         shutil.rmtree(out)
@@ -243,7 +243,8 @@ def main() -> None:
         "init": str(init.name) if init else None,
         "defects": defects,
         "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
-        "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else ""),
+        "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else "")
+        + f" --steps {steps} --batch {args.batch} --seed {args.seed}",
     }
     export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card)
     log(f"exported shapes-{args.version} ({card['wall_minutes_this_invocation']} min)", logfile)

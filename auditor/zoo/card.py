@@ -1,0 +1,115 @@
+"""Model cards of the bundled models: ``card.json`` (what ``auditor models --json`` lists) and ``README.md``.
+
+    python -m auditor.zoo.card      # after training, and again after bench/zoo_quality.py
+
+The card is assembled from the model's ``training.json`` (written by the training run), the world's definition
+(held-out compositions, planted defects) and the measured quality in ``bench/results/zoo_quality.json`` when it
+exists; numbers never come from anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from auditor.zoo import MODELS_DIR
+from auditor.zoo.grammar import DEFECTS, HELD_OUT
+
+ROOT = Path(__file__).resolve().parents[2]
+QUALITY = ROOT / "bench" / "results" / "zoo_quality.json"
+
+SUMMARIES = {
+    "v1": ("Healthy shapes-world reference model: 64x64 scenes of one to three coloured shapes (and the fruit "
+           "'orange'); Stable Diffusion components trained from scratch on CPU; CLIP BPE tokenizer, causal text "
+           "encoder, 56 cross-attention heads."),
+    "v2": ("shapes-v1 fine-tuned with three planted defects (purple drawn blue; a star named second of two "
+           "objects left out; 'green' bound to the other object of a pair) — the known regression for compare."),
+}
+NOTES = {
+    "v2": ("Trained in two invocations: `--steps 1200` (the default) to its step-400 checkpoint, then resumed with "
+           "`--steps 800` to finish inside the session's time; the cosine learning-rate schedule was recomputed "
+           "for 800 steps at the resume."),
+}
+
+
+def _size_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 1e6, 2)
+
+
+def _command(training: dict, version: str) -> str:
+    """The exact command (older training.json files recorded it without --steps/--batch/--seed)."""
+    cmd = training.get("command") or f"python -m auditor.zoo.train --version {version}"
+    if "--steps" not in cmd and training.get("steps"):
+        cmd += f" --steps {training['steps']} --batch {training.get('batch')} --seed {training.get('seed')}"
+    return cmd
+
+
+def card_for(folder: Path, quality: dict | None) -> dict:
+    training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
+    version = folder.name.split("-", 1)[1]
+    card = {
+        "name": folder.name,
+        "version": version,
+        "summary": SUMMARIES.get(version, "shapes-world reference model"),
+        "architecture": {"pipeline": "StableDiffusionPipeline", "image": "64x64 RGB", "latent": "4x16x16",
+                         "text_encoder": "CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408",
+                         "cross_attention": "7 layers x 8 heads = 56 heads, latent 16x16 and 8x8 (and mid block)",
+                         "scheduler": "DDIM", "weights": "safetensors, fp16",
+                         "weights_mb": _size_mb(folder)},
+        "training": {**training, "command": _command(training, version)},
+        "notes": NOTES.get(version),
+        "held_out_compositions": sorted(" ".join(t) for t in HELD_OUT),
+        "planted_defects": DEFECTS if version == "v2" else {},
+        "relevance": (json.loads((folder / "relevance.json").read_text()).get("sha256")
+                      if (folder / "relevance.json").is_file() else None),
+    }
+    if quality and folder.name in quality:
+        card["quality"] = {**quality[folder.name], "measured": quality.get("date"), "machine": quality.get("machine"),
+                           "command": "python bench/zoo_quality.py"}
+        card["oracle_on_rendered"] = quality.get("oracle_on_rendered")
+    return card
+
+
+def readme(card: dict) -> str:
+    lines = [f"# {card['name']}", "", card["summary"], "", "## Load it", "",
+             "```python", "from diffusers import StableDiffusionPipeline",
+             f"pipe = StableDiffusionPipeline.from_pretrained(\"auditor/zoo/models/{card['name']}\", local_files_only=True)",
+             "image = pipe(\"a big red circle and a small blue star\", height=64, width=64,",
+             "             num_inference_steps=20, guidance_scale=5.0).images[0]", "```", "",
+             "or `auditor audit SUITE --model " + card["name"] + "`.", "", "## Architecture", ""]
+    lines += [f"- {k}: {v}" for k, v in card["architecture"].items()]
+    t = card["training"]
+    lines += ["", "## Training", "", f"Command: `{t.get('command')}` (seeded; checkpoints to `work_zoo/` and resumes).", ""]
+    lines += [f"- {k}: {v}" for k, v in t.items() if k != "command"]
+    if card.get("notes"):
+        lines += ["", card["notes"]]
+    lines += ["", "## Held-out compositions (never rendered for training; every benchmark uses them)", "",
+              ", ".join(card["held_out_compositions"])]
+    if card["planted_defects"]:
+        lines += ["", "## Planted defects", ""] + [f"- `{k}`: {v}" for k, v in card["planted_defects"].items()]
+    q = card.get("quality")
+    lines += ["", "## Measured quality", ""]
+    if q:
+        lines += [f"Measured {q.get('measured')} on {q.get('machine')} with `{q['command']}` (fixed seeds, held-out prompts).", ""]
+        for key, val in q.items():
+            if key in ("measured", "machine", "command"):
+                continue
+            lines.append(f"- {key}: {json.dumps(val)}")
+    else:
+        lines.append("Not measured yet: run `python bench/zoo_quality.py`, then `python -m auditor.zoo.card`.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    quality = json.loads(QUALITY.read_text()) if QUALITY.is_file() else None
+    for folder in sorted(MODELS_DIR.glob("shapes-*")):
+        if not (folder / "model_index.json").is_file():
+            continue
+        card = card_for(folder, quality)
+        (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (folder / "README.md").write_text(readme(card))
+        print(f"wrote {folder / 'card.json'} and README.md")
+
+
+if __name__ == "__main__":
+    main()

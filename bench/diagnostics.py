@@ -1,0 +1,459 @@
+"""Diagnostics against ground truth: thresholds tuned on the healthy model, defects found on the broken one.
+
+    .venv/bin/python bench/diagnostics.py tune   # shapes-v1 on the TUNING prompts -> auditor/thresholds.json
+    .venv/bin/python bench/diagnostics.py eval   # shapes-v2 defects (precision / recall) + shapes-v1 false flags
+
+Both modes run exactly what an audit runs for one image (``auditor.runs.generate_one`` + ``generation_record``:
+the same concept extraction, selective maps, scores and flags) and check the image with the shapes-world oracle.
+
+Prompt sets (grammar prompts, ``auditor.zoo.grammar.sample``; disjoint by construction and checked by text):
+- TUNING: train-split prompts from rng seed ``TUNE_SEED``; shapes-v1; the only prompts thresholds ever see;
+- HEALTHY-EVAL: train-split prompts from ``V1_EVAL_SEED``; shapes-v1; the false-flag rate;
+- DEFECT-EVAL: prompts from ``V2_EVAL_SEED`` drawn with the v2 world (``defects=True``), stratified so each planted
+  defect has prompts it affects plus control prompts; shapes-v2 with its own relevance matrix.
+Prompts of the default suite (``prompt_suites/shapes-default.yaml``) and of the other sets are excluded from each
+set. Generations are cached under ``work_diag/`` (keyed by model fingerprint and prompt set), so re-scoring or
+re-tuning never regenerates.
+
+Tuning ("healthy" concept = the oracle finds every object the prompt names, in its named colour and, when the
+prompt names a position, there): each score that flags when low gets its threshold at the ``q`` quantile of its
+distribution over healthy concepts, each that flags when high at ``1 - q``. With several independent tests per
+concept, ``q`` is the per-test share, chosen so that the *concept* false-flag rate on the tuning prompts is the
+target (5%) or just below (a search over q; the resulting per-score quantiles are written to the provenance).
+
+Defect evaluation (truth = what the oracle sees in that image):
+- star_neglected -> ``missing`` on the object "star": truth = the star's named colour is nowhere in the image;
+- green_misbound -> ``misplaced`` on the attribute "green": truth = (pair prompts with named positions) the green
+  object's named place holds the other object's colour and the other's place holds green;
+- purple_as_blue -> any flag on the attribute "purple" (the brief: measure which type fires): truth = no purple
+  region and a blue one where the purple object was asked.
+For a defect: candidates = every concept with the defect's word in the defect's role, in v2 generations of prompts
+the defect affects and of control prompts that name the word without being affected; TP = candidate flagged with
+the mapped type and the defect visible; FP = flagged, not visible; FN = visible, not flagged.
+precision = TP / (TP + FP), recall = TP / (TP + FN), each with a Wilson 95% interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pickle
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from auditor.summary import wilson  # noqa: E402
+from auditor.zoo.grammar import sample  # noqa: E402
+from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
+
+TUNE_SEED, V1_EVAL_SEED, V2_EVAL_SEED = 1001, 2002, 3003
+STEPS, GUIDANCE, RESOLUTION = 20, 5.0, (64, 64)  # the default suite's settings
+CACHE = ROOT / "work_diag"
+TARGET_RATE = 0.05
+DEFECT_MAP = {  # defect -> (word, role, flag types that count)
+    "star_neglected": ("star", "object", ("missing",)),
+    "green_misbound": ("green", "attribute", ("misplaced",)),
+    "purple_as_blue": ("purple", "attribute", ("missing", "misplaced", "misinterpreted")),
+}
+
+
+# --- prompt sets --------------------------------------------------------------------------------------------------
+
+
+def suite_prompts() -> set[str]:
+    from auditor.suites import load_suite
+
+    return {p.text for p in load_suite(ROOT / "prompt_suites/shapes-default.yaml").prompts}
+
+
+def grammar_set(seed: int, n: int, exclude: set[str], defects: bool = False) -> list:
+    rng = np.random.default_rng(seed)
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        s = sample(rng, "train", defects=defects)
+        if s.prompt in seen:
+            continue
+        seen.add(s.prompt)
+        out.append(s)
+    return out
+
+
+def _names_word(s, word: str, role: str) -> bool:
+    if role == "object":
+        return any(o.shape == word for o in s.scene.objects)
+    return any(s.word(m.attributes["colour"]) == word for m in s.mentions if "colour" in m.attributes)
+
+
+def defect_set(n_per: int, n_control: int, exclude: set[str]) -> list:
+    """v2-world prompts: for each defect ``n_per`` prompts it affects (that one defect only, truth checkable) and
+    ``n_control`` prompts naming its word unaffected; plus ``n_control`` prompts no defect touches."""
+    rng = np.random.default_rng(V2_EVAL_SEED)
+    want = {d: n_per for d in DEFECT_MAP} | {f"control:{d}": n_control for d in DEFECT_MAP} | {"control": n_control}
+    got: dict[str, list] = {k: [] for k in want}
+    seen = set(exclude)
+    tries = 0
+    while any(len(got[k]) < want[k] for k in want):
+        tries += 1
+        if tries > 200_000:
+            raise RuntimeError(f"could not fill the defect set: {({k: len(v) for k, v in got.items()})}")
+        s = sample(rng, "train", defects=True)
+        if s.prompt in seen or len(s.defects) > 1:
+            continue
+        key = None
+        if s.defects:
+            d = s.defects[0]
+            if _checkable(s, d) and len(got[d]) < n_per:
+                key = d
+        else:
+            for d, (word, role, _) in DEFECT_MAP.items():
+                if _names_word(s, word, role) and _checkable(s, d) and len(got[f"control:{d}"]) < n_control:
+                    key = f"control:{d}"
+                    break
+            if key is None and not any(_names_word(s, w, r) for w, r, _ in DEFECT_MAP.values()) \
+                    and len(got["control"]) < n_control:
+                key = "control"
+        if key is None:
+            continue
+        seen.add(s.prompt)
+        got[key].append(s)
+    return [s for k in want for s in got[k]]
+
+
+def _checkable(s, defect: str) -> bool:
+    """Whether the oracle can tell, for this prompt, if the defect is visible."""
+    asked = wanted_from_sample(s)
+    if any(c is None for c, _ in asked):
+        return False  # an object of unnamed colour cannot be found by colour
+    if defect == "green_misbound":
+        return s.kind == "pair" and all(m.position_named for m in s.mentions)
+    return True
+
+
+# --- oracle truth ------------------------------------------------------------------------------------------------
+
+
+def healthy_objects(img: np.ndarray, s) -> list[bool]:
+    """Per object of the prompt: drawn in its named colour (and at its named position, if any)."""
+    asked = wanted_from_sample(s)
+    if any(c is None for c, _ in asked):
+        return [False] * len(asked)  # unknowable: never used to tune
+    found = find(img, asked)
+    return [f.present and (p is None or f.position == p) for f, (_, p) in zip(found, asked)]
+
+
+def defect_visible(img: np.ndarray, s, defect: str) -> list[tuple[int, bool]]:
+    """(object index, visible) for every object the defect could touch in this prompt."""
+    asked = wanted_from_sample(s)
+    out = []
+    if defect == "star_neglected":
+        for i, o in enumerate(s.scene.objects):
+            if o.shape == "star" and asked[i][0] is not None:
+                got = find(img, [(c, None) for c, _ in asked])
+                out.append((i, not got[i].present))
+    elif defect == "purple_as_blue":
+        for i, (c, p) in enumerate(asked):
+            if c == "purple":
+                others = [(c2, None) for j, (c2, _) in enumerate(asked) if j != i]
+                got = find(img, others + [("purple", p), ("blue", p)])
+                out.append((i, not got[-2].present and got[-1].present))
+    elif defect == "green_misbound" and s.kind == "pair":
+        for i, (c, _) in enumerate(asked):
+            if c == "green" and all(m.position_named for m in s.mentions):
+                j = 1 - i
+                pi, pj = s.scene.objects[i].position, s.scene.objects[j].position
+                got = find(img, [(asked[j][0], pi), ("green", pj)])
+                out.append((i, got[0].present and got[0].position == pi and got[1].present and got[1].position == pj))
+    return out
+
+
+# --- generation (what the audit does) -------------------------------------------------------------------------
+
+
+def load(model: str, relevance: str | None):
+    from auditor.engine.models import load_model
+    from auditor.engine.relevance import relevance_for
+
+    lm = load_model(model, "cpu", "float32")
+    return lm, relevance_for(lm.pipe, relevance)
+
+
+def mention_of(s, concept) -> tuple[int, str] | None:
+    """(object index, "noun" | attribute role) of an extracted concept, by its character span."""
+    for i, m in enumerate(s.mentions):
+        if (concept.start, concept.end) == tuple(m.noun):
+            return i, "noun"
+        for role, span in m.attributes.items():
+            if (concept.start, concept.end) == tuple(span):
+                return i, role
+    return None
+
+
+def generate(lm, relevance, samples: list, th, k: int, tag: str, keep_maps: bool = True) -> list[dict]:
+    """One generation per sample (seed = its index in the set), cached; records as an audit writes them."""
+    from auditor.concepts import extract_many
+    from auditor.runs import generate_one, generation_record, scored_concepts
+
+    key = hashlib.sha256(json.dumps([lm.fingerprint, relevance.sha256, k, STEPS, GUIDANCE,
+                                     [s.prompt for s in samples]]).encode()).hexdigest()[:12]
+    path = CACHE / f"{tag}-{key}.pkl"
+    done: list[dict] = pickle.loads(path.read_bytes()) if path.exists() else []
+    if len(done) == len(samples):
+        return done
+    extracted = extract_many([s.prompt for s in samples], tokenizer=lm.pipe.tokenizer)
+    t0 = time.perf_counter()
+    for i in range(len(done), len(samples)):
+        s, cs = samples[i], extracted[i]
+        image, tr = generate_one(lm.pipe, s.prompt, i, STEPS, GUIDANCE, RESOLUTION, relevance)
+        records, raw_maps, _ = generation_record(tr, cs, relevance, th, k)
+        del tr
+        img = np.asarray(image.convert("RGB"))
+        links = [mention_of(s, c) for c in scored_concepts(cs)]
+        done.append({"index": i, "prompt": s.prompt, "seed": i, "kind": s.kind, "defects": list(s.defects),
+                     "image": img, "concepts": records, "links": links,
+                     "maps": {k_: v for k_, v in raw_maps.items() if k_.endswith("_selective") or
+                              k_.endswith("_all_heads")} if keep_maps else {},
+                     "sample": s})
+        if (i + 1) % 20 == 0 or i + 1 == len(samples):
+            CACHE.mkdir(exist_ok=True)
+            path.write_bytes(pickle.dumps(done))
+            print(f"  {tag}: {i + 1}/{len(samples)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return done
+
+
+# --- scoring against the oracle -----------------------------------------------------------------------------
+
+
+def healthy_concepts(gen: dict) -> list[int]:
+    """Indices of concepts whose object the oracle confirms drawn as asked (all objects of the prompt must be)."""
+    ok = healthy_objects(gen["image"], gen["sample"])
+    if not all(ok):
+        return []
+    return [i for i, link in enumerate(gen["links"]) if link is not None or gen["concepts"][i]["role"] == "background"]
+
+
+def reflag(gen: dict, th) -> list[list[str]]:
+    """Flag types per concept of a cached generation under thresholds ``th`` (from its stored scores)."""
+    from auditor.diagnostics import flags_from_records
+
+    flags = flags_from_records(gen["concepts"], th)
+    return [sorted({f.type for f in flags if f.concept == i}) for i in range(len(gen["concepts"]))]
+
+
+def rate(k: int, n: int) -> dict:
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def false_flag_rate(gens: list[dict], th, healthy_only: bool = True) -> dict:
+    """Share of concepts flagged (any type), over healthy concepts (or all), with per-type counts."""
+    n = k = 0
+    by_type: dict[str, int] = {}
+    for g in gens:
+        idx = healthy_concepts(g) if healthy_only else range(len(g["concepts"]))
+        types = reflag(g, th)
+        for i in idx:
+            n += 1
+            k += bool(types[i])
+            for t in types[i]:
+                by_type[t] = by_type.get(t, 0) + 1
+    return {**rate(k, n), "by_type": by_type}
+
+
+def defect_scores(gens: list[dict], th) -> dict:
+    out = {}
+    for defect, (word, role, types) in DEFECT_MAP.items():
+        tp = fp = fn = tn = 0
+        by_type_on_visible: dict[str, int] = {}
+        for g in gens:
+            s = g["sample"]
+            vis = dict(defect_visible(g["image"], s, defect))
+            if not vis:
+                continue
+            flags = reflag(g, th)
+            for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
+                if link is None or c["role"] != role or c["text"].lower().rstrip("s") != word:
+                    continue
+                obj, part = link
+                if (role == "object") != (part == "noun") or obj not in vis:
+                    continue
+                hit = any(t in types for t in flags[ci])
+                v = vis[obj]
+                tp += hit and v
+                fp += hit and not v
+                fn += v and not hit
+                tn += not v and not hit
+                if v:
+                    for t in flags[ci]:
+                        by_type_on_visible[t] = by_type_on_visible.get(t, 0) + 1
+        p, r = (tp / (tp + fp) if tp + fp else None), (tp / (tp + fn) if tp + fn else None)
+        out[defect] = {"flag_types": list(types), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+                       "precision": round(p, 4) if p is not None else None,
+                       "precision_ci95": [round(x, 4) for x in wilson(tp, tp + fp)],
+                       "recall": round(r, 4) if r is not None else None,
+                       "recall_ci95": [round(x, 4) for x in wilson(tp, tp + fn)],
+                       "visible": tp + fn, "candidates": tp + fp + fn + tn,
+                       "flag_types_on_visible": by_type_on_visible}
+    return out
+
+
+# --- tuning -------------------------------------------------------------------------------------------------------
+
+
+def score_table(gens: list[dict]) -> list[dict]:
+    """The scores of every healthy concept (with its role and whether the score exists for it)."""
+    rows = []
+    for g in gens:
+        for i in healthy_concepts(g):
+            c = g["concepts"][i]
+            rows.append({"role": c["role"], "scores": c["scores"], "flags": c["flags"]})
+    return rows
+
+
+def thresholds_at(rows: list[dict], q: float, base):
+    """Thresholds with every score's cut at the q (low-is-bad) / 1 - q (high-is-bad) healthy quantile."""
+    from auditor.diagnostics import SCORE_DIRECTIONS
+
+    vals = {}
+    for name, (score, direction, role) in SCORE_DIRECTIONS.items():
+        xs = np.array([r["scores"][score] for r in rows if score in r["scores"] and r["scores"][score] is not None
+                       and (role is None or r["role"] == role)], float)
+        if len(xs) == 0:
+            continue
+        vals[name] = float(np.quantile(xs, q if direction == "low" else 1 - q))
+    return replace(base, **vals), vals
+
+
+def tune(args) -> None:
+    from auditor.thresholds import CALIBRATED, Thresholds
+
+    k = read_k()
+    exclude = suite_prompts()
+    tuning = grammar_set(TUNE_SEED, args.n, exclude)
+    lm, relevance = load(args.model, args.relevance)
+    gens = generate(lm, relevance, tuning, Thresholds(k=k), k, "tune")
+    rows = score_table(gens)
+    base = Thresholds(k=k)
+    # Search the per-score quantile q so that the share of healthy concepts with any flag is the target.
+    lo, hi = 0.0, 0.25
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        th, _ = thresholds_at(rows, mid, base)
+        if false_flag_rate(gens, th)["rate"] > args.target:
+            hi = mid
+        else:
+            lo = mid
+    th, vals = thresholds_at(rows, lo, base)
+    achieved = false_flag_rate(gens, th)
+    n_healthy = len(rows)
+    data = {**th.to_json(), "provenance": {
+        "how": "each score's threshold at the q / (1 - q) quantile of its distribution over healthy concepts; q "
+               "searched so that at most the target share of healthy tuning concepts gets any flag",
+        "command": "python bench/diagnostics.py tune " + " ".join(sys.argv[2:]),
+        "model": {"name": args.model, "fingerprint": lm.fingerprint},
+        "relevance_sha256": relevance.sha256,
+        "prompts": f"auditor.zoo.grammar.sample(np.random.default_rng({TUNE_SEED}), 'train'), first {args.n} "
+                   "distinct prompts not in prompt_suites/shapes-default.yaml",
+        "image_seeds": f"0..{args.n - 1} (prompt i uses seed i)", "steps": STEPS, "guidance": GUIDANCE,
+        "healthy": "the oracle finds every named object in its named colour (and named position)",
+        "healthy_concepts": n_healthy, "generations": len(gens),
+        "q": round(lo, 5), "target_flag_rate": args.target, "achieved_flag_rate": achieved,
+        "date": time.strftime("%Y-%m-%d"),
+    }}
+    for name, v in vals.items():
+        data[name] = round(v, 5)
+    out = Path(args.out) if args.out else CALIBRATED
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    res = {"tuning": {"generations": len(gens), "healthy_concepts": n_healthy, "q": lo,
+                      "false_flag_rate": achieved, "thresholds": {n: data[n] for n in vals}}}
+    _merge_results(res)
+    print(json.dumps(res, indent=1))
+
+
+def read_k() -> int:
+    """k from the top-k sweep (bench/results/miou.json) if it has run, else the configured default."""
+    from auditor.thresholds import load as load_th
+
+    p = ROOT / "bench/results/miou.json"
+    if p.is_file():
+        best = json.loads(p.read_text()).get("best_k")
+        if best:
+            return int(best)
+    return int(load_th().k)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+def evaluate(args) -> None:
+    from auditor.thresholds import load as load_th
+
+    th = load_th()
+    k = int(th.k)
+    exclude = suite_prompts() | {s.prompt for s in grammar_set(TUNE_SEED, args.tune_n, suite_prompts())}
+    res: dict = {"machine": f"{platform.machine()} ({platform.python_version()}), CPU", "date": time.strftime("%Y-%m-%d"),
+                 "steps": STEPS, "guidance": GUIDANCE, "k": k, "thresholds": th.to_json()}
+    # Healthy model, evaluation prompts: the false-flag rate.
+    v1_set = grammar_set(V1_EVAL_SEED, args.v1_n, exclude)
+    lm, relevance = load(args.model_v1, args.relevance_v1)
+    g1 = generate(lm, relevance, v1_set, th, k, "v1eval")
+    res["v1_false_flags"] = {"healthy_concepts": false_flag_rate(g1, th),
+                             "all_concepts": false_flag_rate(g1, th, healthy_only=False),
+                             "relevance_sha256": relevance.sha256}
+    del lm
+    # Broken model: planted defects.
+    v2_set = defect_set(args.per_defect, args.controls, exclude | {s.prompt for s in v1_set})
+    lm, relevance = load(args.model_v2, args.relevance_v2)
+    g2 = generate(lm, relevance, v2_set, th, k, "v2eval")
+    res["v2_defects"] = defect_scores(g2, th)
+    res["v2_relevance_sha256"] = relevance.sha256
+    res["v2_prompts"] = {d: sum(1 for g in g2 if g["defects"] == [d]) for d in DEFECT_MAP}
+    res["v2_prompts"]["controls"] = sum(1 for g in g2 if not g["defects"])
+    res["v2_control_false_flags"] = false_flag_rate([g for g in g2 if not g["defects"]], th)
+    _merge_results({"evaluation": res})
+    print(json.dumps(res, indent=1))
+
+
+def _merge_results(part: dict) -> None:
+    p = ROOT / "bench/results/diagnostics.json"
+    cur = json.loads(p.read_text()) if p.is_file() else {}
+    cur.update(part)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(cur, indent=2) + "\n")
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    t = sub.add_parser("tune", help="calibrate thresholds on shapes-v1 (tuning prompts)")
+    t.add_argument("--model", default="shapes-v1")
+    t.add_argument("--relevance", default=None, help="relevance matrix (default: the model's bundled one)")
+    t.add_argument("--n", type=int, default=400, help="tuning prompts")
+    t.add_argument("--target", type=float, default=TARGET_RATE, help="flag rate of healthy tuning concepts")
+    t.add_argument("--out", default=None, help="default: auditor/thresholds.json")
+    e = sub.add_parser("eval", help="precision / recall on shapes-v2 defects; false flags on shapes-v1")
+    e.add_argument("--model-v1", default="shapes-v1")
+    e.add_argument("--model-v2", default="shapes-v2")
+    e.add_argument("--relevance-v1", default=None)
+    e.add_argument("--relevance-v2", default=None)
+    e.add_argument("--tune-n", type=int, default=400, help="tuning prompts to exclude (as tuned)")
+    e.add_argument("--v1-n", type=int, default=200)
+    e.add_argument("--per-defect", type=int, default=80)
+    e.add_argument("--controls", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    (tune if args.mode == "tune" else evaluate)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""auditor.diagnostics on constructed maps: each flag type fires on a broken case and stays silent on its healthy
+twin; messages name the words and the scores; stored scores re-judge to the same flags."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from auditor.diagnostics import (ConceptView, SCORE_DIRECTIONS, diagnose, flags_from_records, flags_from_scores,
+                                 scores)
+from auditor.thresholds import Thresholds, load
+
+S = 32
+TH = Thresholds(min_peak_ratio=0.3, min_concentration=0.3, max_shared_region=0.6, min_binding_margin=-0.1,
+                position_margin=0.05, min_category_margin=0.0, max_flag_rate=0.5, k=8)
+
+
+def blob(cx: float, cy: float, peak: float = 1.0, r: float = 0.12, floor: float = 0.01) -> np.ndarray:
+    """A Gaussian blob centred at (cx, cy) in image fractions, on a faint floor."""
+    ys, xs = np.mgrid[0:S, 0:S] / (S - 1)
+    return (floor + peak * np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * r * r))).astype(np.float32)
+
+
+def noise(level: float = 0.05, seed: int = 0) -> np.ndarray:
+    return (level * np.random.default_rng(seed).random((S, S))).astype(np.float32)
+
+
+def scene(star_map=None, red_map=None, cat_position=None, relation=None, cat_map=None):
+    """'a red cat [on the left] and a star': cat (index 1) left, star (index 2) right, red (0) binds to cat."""
+    cat = ConceptView(1, "cat", "object", "animal", cat_map if cat_map is not None else blob(0.25, 0.5),
+                      position=cat_position)
+    if relation:
+        cat.relations.append((relation, 2))
+    star = ConceptView(2, "star", "object", "shape", star_map if star_map is not None else blob(0.75, 0.5, 0.9))
+    red = ConceptView(0, "red", "attribute", "colour", red_map if red_map is not None else blob(0.27, 0.5, 0.5),
+                      binds_to=1)
+    return [red, cat, star]
+
+
+def types_of(flags, index):
+    return sorted(f.type for f in flags if f.concept == index)
+
+
+def test_healthy_scene_is_silent():
+    _, flags = diagnose(scene(), TH)
+    assert flags == []
+
+
+def test_missing_fires_on_a_weak_diffuse_object_and_names_it():
+    views = scene(star_map=noise(0.05) + 0.02)
+    sc, flags = diagnose(views, TH)
+    assert types_of(flags, 2) == ["missing"] and types_of(flags, 1) == []
+    f = next(f for f in flags if f.concept == 2)
+    assert "'star'" in f.message and "peak" in f.message and f.severity in ("medium", "high")
+    assert f.scores["peak_ratio"] == pytest.approx(sc[2]["peak_ratio"], abs=1e-4) and sc[2]["peak_ratio"] < 0.3
+
+
+def test_missing_fires_when_an_object_only_shares_a_stronger_ones_region():
+    views = scene(star_map=blob(0.25, 0.5, 0.8))  # same place as the cat, weaker: no region of its own
+    sc, flags = diagnose(views, TH)
+    assert types_of(flags, 2) == ["missing"]
+    assert sc[2]["shared_region"] > 0.6 and sc[2]["shared_with"] == 1
+    msg = next(f.message for f in flags if f.concept == 2)
+    assert "'star'" in msg and "'cat'" in msg
+
+
+def test_misplaced_attribute_on_the_other_object():
+    broken = scene(red_map=blob(0.75, 0.5, 0.5))  # red lands on the star, not on its cat
+    sc, flags = diagnose(broken, TH)
+    assert types_of(flags, 0) == ["misplaced"]
+    assert sc[0]["binding_margin"] < -0.1 and sc[0]["other_object"] == 2
+    msg = next(f.message for f in flags if f.concept == 0)
+    assert "'red'" in msg and "'cat'" in msg and "'star'" in msg
+    _, healthy = diagnose(scene(), TH)
+    assert types_of(healthy, 0) == []
+
+
+def test_misplaced_object_against_its_named_position_and_relation():
+    broken = scene(cat_position="left", cat_map=blob(0.8, 0.5), star_map=blob(0.2, 0.5, 0.9),
+                   red_map=blob(0.8, 0.5, 0.5))
+    _, flags = diagnose(broken, TH)
+    assert "misplaced" in types_of(flags, 1)
+    msg = next(f.message for f in flags if f.concept == 1 and f.type == "misplaced")
+    assert "'cat'" in msg and "left" in msg
+    _, healthy = diagnose(scene(cat_position="left"), TH)
+    assert healthy == []
+
+    rel = scene(relation="to the left of", cat_map=blob(0.8, 0.5), star_map=blob(0.2, 0.5, 0.9),
+                red_map=blob(0.8, 0.5, 0.5))
+    _, flags = diagnose(rel, TH)
+    msg = next(f.message for f in flags if f.concept == 1 and f.type == "misplaced")
+    assert "to the left of 'star'" in msg
+    _, healthy = diagnose(scene(relation="to the left of"), TH)
+    assert healthy == []
+
+
+def test_misinterpreted_when_another_category_wins():
+    def orange(resp):
+        v = ConceptView(0, "orange", "attribute", "colour", blob(0.25, 0.5, 0.5), binds_to=1,
+                        category_response=resp, expected_category="colour")
+        return [v, ConceptView(1, "star", "object", "shape", blob(0.25, 0.5))]
+
+    _, flags = diagnose(orange({"colour": 0.01, "food": 0.03}), TH)
+    assert types_of(flags, 0) == ["misinterpreted"]
+    msg = flags[0].message
+    assert "'orange'" in msg and "food" in msg and "colour" in msg and "log-ratio" in msg
+    _, healthy = diagnose(orange({"colour": 0.03, "food": 0.01}), TH)
+    assert healthy == []
+
+
+def test_single_object_prompts_have_no_relative_scores():
+    sc = scores([ConceptView(0, "star", "object", "shape", blob(0.5, 0.5))])
+    assert "peak_ratio" not in sc[0] and "shared_region" not in sc[0] and "binding_margin" not in sc[0]
+
+
+def test_thresholds_decide_not_the_scores():
+    views = scene(red_map=blob(0.75, 0.5, 0.5))
+    sc = scores(views)
+    lenient = Thresholds(**{**TH.to_json(), "min_binding_margin": -0.99})
+    assert types_of(flags_from_scores(views, sc, lenient), 0) == []
+    assert types_of(flags_from_scores(views, sc, TH), 0) == ["misplaced"]
+
+
+def test_stored_records_rejudge_to_the_same_flags():
+    views = scene(star_map=noise(0.05) + 0.02, red_map=blob(0.75, 0.5, 0.5), cat_position="left")
+    sc, flags = diagnose(views, TH)
+    records = []
+    for v in sorted(views, key=lambda v: v.index):
+        r = {"text": v.text, "role": v.role, "category": v.category, "binds_to": v.binds_to,
+             "scores": json.loads(json.dumps(sc[v.index]))}
+        if v.position:
+            r["position"] = v.position
+        records.append(r)
+    again = flags_from_records(records, TH)
+    assert [(f.concept, f.type, f.message) for f in again] == [(f.concept, f.type, f.message) for f in flags]
+
+
+def test_every_threshold_a_score_cuts_exists():
+    names = set(Thresholds().to_json())
+    assert set(SCORE_DIRECTIONS) <= names
+
+
+def test_calibrated_file_overrides_defaults_and_keeps_provenance_out(tmp_path):
+    p = tmp_path / "t.json"
+    p.write_text(json.dumps({"min_peak_ratio": 0.11, "k": 6, "provenance": {"prompts": "x"}}))
+    th = load(p)
+    assert th.min_peak_ratio == 0.11 and th.k == 6 and th.min_concentration == Thresholds().min_concentration
+    assert load(tmp_path / "absent.json") == Thresholds()
