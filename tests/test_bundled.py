@@ -1,0 +1,102 @@
+"""The bundled reference models as a user meets them: ordinary diffusers loading, determinism, tracing, the shipped
+head-relevance matrix, the models listing, and damaged weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from auditor.zoo import MODELS_DIR, bundled_models
+
+NAMES = [m.name for m in bundled_models()]
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def pipe(request):
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(MODELS_DIR / request.param, torch_dtype=torch.float32,
+                                                local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    p.bundled_name = request.param
+    return p
+
+
+def _gen(pipe, seed, prompt="a big red circle and a small blue star", steps=4):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, height=64, width=64, generator=g,
+                output_type="np").images[0]
+
+
+def test_shapes_v1_is_bundled_and_small():
+    assert "shapes-v1" in NAMES
+    for m in bundled_models():
+        weights = sum(p.stat().st_size for p in m.path.rglob("*.safetensors"))
+        assert weights <= 15e6, (m.name, weights)
+        assert not list(m.path.rglob("*.bin")) and not list(m.path.rglob("*.ckpt"))
+        assert json.loads((m.path / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+
+def test_loads_offline_and_is_deterministic(pipe):
+    a, b, c = _gen(pipe, 0), _gen(pipe, 0), _gen(pipe, 1)
+    assert a.shape == (64, 64, 3)
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+    ids = pipe.tokenizer("a red star")["input_ids"]  # the real CLIP BPE: start, "a" = 320, "red" = 736, ..., end
+    assert ids[:3] == [49406, 320, 736] and ids[-1] == 49407 and len(ids) == 5
+
+
+def test_trace_leaves_the_image_unchanged_and_sees_56_heads(pipe):
+    from auditor import trace
+
+    plain = _gen(pipe, 3)
+    with trace(pipe) as tr:
+        traced = _gen(pipe, 3)
+    np.testing.assert_allclose(plain, traced, atol=1e-5)
+    assert tr.head_index.total == 56
+    m = tr.maps("star", method="all_heads")
+    assert m.shape == (64, 64) and np.isfinite(m).all() and m.max() > 0
+
+
+def test_shipped_relevance_matches_the_model(pipe):
+    from auditor.engine.models import fingerprint
+    from auditor.engine.relevance import RelevanceMatrix, check_compatible
+
+    path = MODELS_DIR / pipe.bundled_name / "relevance.npz"
+    if not path.is_file():
+        pytest.skip(f"{pipe.bundled_name} ships no relevance matrix yet")
+    rm = RelevanceMatrix.load(path)
+    assert rm.model_fingerprint == fingerprint(path.parent)
+    check_compatible(rm, pipe, str(path))
+    assert {"colour", "shape", "size", "texture"} <= set(rm.categories)
+    for cat in ("colour", "shape"):
+        assert len(set(rm.top_heads(cat, 8))) == 8
+
+
+def test_models_command_lists_cards(cli):
+    code, out, err = cli("models", "--json")
+    assert code == 0, err
+    listed = {m["name"]: m for m in json.loads(out)}
+    assert set(listed) == set(NAMES)
+    for m in listed.values():
+        assert m["path"] and m["version"] and m["summary"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_damaged_weights_give_one_line(cli, tmp_path, damage):
+    copy = tmp_path / "model"
+    shutil.copytree(MODELS_DIR / "shapes-v1", copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    code, out, err = cli("maps", "a red star", "--model", str(copy), "--out", str(tmp_path / "maps"), "--steps", "2")
+    assert code == 2, err
+    lines = [x for x in err.strip().splitlines() if x.startswith("auditor:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "unet" in lines[0]
