@@ -227,3 +227,15 @@ def test_killed_run_resumes_to_the_same_results(tiny_suite, tmp_path):
     for g in a["generations"]:  # the images themselves are identical
         assert (killed / g["image"]).read_bytes() == (whole / g["image"]).read_bytes()
     _verify_checksums(killed)
+
+
+def test_resume_with_another_model_is_refused(cli, tiny_suite, tmp_path):
+    from auditor.zoo import bundled_model
+
+    if bundled_model("shapes-v2") is None:
+        pytest.skip("shapes-v2 is not bundled")
+    run = tmp_path / "run"
+    code, _, err = cli("audit", str(tiny_suite), "--out", str(run), "--no-pdf", "--seeds", "0")
+    assert code == 0, err
+    _one_line_error(cli("audit", str(tiny_suite), "--resume", str(run), "--model", "shapes-v2", "--no-pdf"),
+                    "--resume", "shapes-v1")
