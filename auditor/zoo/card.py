@@ -26,9 +26,12 @@ SUMMARIES = {
            "objects left out; 'green' bound to the other object of a pair) — the known regression for compare."),
 }
 NOTES = {
-    "v2": ("Trained in two invocations: `--steps 1200` (the default) to its step-400 checkpoint, then resumed with "
-           "`--steps 800` to finish inside the session's time; the cosine learning-rate schedule was recomputed "
-           "for 800 steps at the resume."),
+    "v2": ("Trained in stages to fit the session's time (about 85 minutes of wall time on a shared 2-core CPU): "
+           "600 steps on the v2 world (`--steps 1200` to its step-400 checkpoint, resumed with `--steps 800` to "
+           "step 600; learning rate peak 3e-4) planted the defects too weakly (purple drawn blue in 2 of 20 "
+           "prompts, green swapped in 0 of 20), so training resumed from step 600 with `--lr 2e-3 --focus 0.5` (half "
+           "of each batch drawn from prompts a defect affects, cycling through the three) and was exported at the "
+           "step-800 checkpoint with the command below (no further training in that invocation)."),
 }
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from auditor.zoo import arch
 from auditor.zoo.bpe import load_tokenizer
-from auditor.zoo.grammar import sample
+from auditor.zoo.grammar import DEFECTS, sample
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = Path(__file__).resolve().parent / "models"
@@ -36,9 +36,17 @@ def log(msg: str, logfile: Path) -> None:
         f.write(line + "\n")
 
 
-def batch(seed: int, step: int, n: int, defects: bool = False):
+def batch(seed: int, step: int, n: int, defects: bool = False, focus: float = 0.0):
+    """``n`` training samples; with ``focus``, that share of the batch is drawn (by rejection) from prompts that a
+    planted defect affects, cycling through the defects so the rare ones are learned too."""
     rng = np.random.default_rng([seed, step])
-    samples = [sample(rng, "train", defects=defects) for _ in range(n)]
+    samples = [sample(rng, "train", defects=defects) for _ in range(n - int(n * focus))]
+    for i in range(int(n * focus)):
+        want = sorted(DEFECTS)[(step * n + i) % len(DEFECTS)]
+        s = sample(rng, "train", defects=defects)
+        while want not in s.defects:
+            s = sample(rng, "train", defects=defects)
+        samples.append(s)
     imgs = np.stack([s.scene.image for s in samples]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), [s.prompt for s in samples]
 
@@ -106,7 +114,7 @@ class EMA:
                     sh[k].copy_(v)
 
 
-def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False):
+def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False, focus=0.0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -141,7 +149,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         cur = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = cur
-        x, prompts = batch(seed, step, batch_size, defects)
+        x, prompts = batch(seed, step, batch_size, defects, focus)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         drop = torch.rand(len(prompts), generator=g) < 0.1
@@ -211,6 +219,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--focus", type=float, default=0.0, help="v2: share of each batch drawn from defect-affected prompts")
     ap.add_argument("--export-to", default=None, help="export to this folder instead (e.g. a snapshot mid-run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -232,7 +241,8 @@ def main() -> None:
         lr = args.lr or 3e-4
         vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32)
     vae.requires_grad_(False)
-    unet, text = train_denoiser(work, args.seed + (1 if defects else 0), steps, args.batch, lr, logfile, vae, init, defects)
+    unet, text = train_denoiser(work, args.seed + (1 if defects else 0), steps, args.batch, lr, logfile, vae, init, defects,
+                                args.focus if defects else 0.0)
     card = {
         "version": args.version,
         "seed": args.seed,
@@ -244,7 +254,7 @@ def main() -> None:
         "defects": defects,
         "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
         "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else "")
-        + f" --steps {steps} --batch {args.batch} --seed {args.seed}",
+        + f" --steps {steps} --batch {args.batch} --seed {args.seed}" + (f" --lr {lr} --focus {args.focus}" if defects else ""),
     }
     export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card)
     log(f"exported shapes-{args.version} ({card['wall_minutes_this_invocation']} min)", logfile)
