@@ -220,7 +220,8 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
 def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
     reasons, excess = [], 0.0
     if s.get("peak_ratio") is not None and s["peak_ratio"] < th.min_peak_ratio:
-        reasons.append(f"its peak is {s['peak_ratio']:.0%} of the strongest object's (threshold {th.min_peak_ratio:.0%})")
+        reasons.append(f"its peak is {s['peak_ratio']:.0%} of the strongest object's "
+                       f"(threshold {th.min_peak_ratio:.0%})")
         excess = max(excess, _past(s["peak_ratio"], th.min_peak_ratio, "low", 0.0, 1.0))
     if s.get("concentration") is not None and s["concentration"] < th.min_concentration:
         reasons.append(f"only {s['concentration']:.0%} of its attention falls in its own region "

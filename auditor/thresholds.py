@@ -1,11 +1,12 @@
 """Every diagnostic threshold, in one place.
 
-The defaults were calibrated on the healthy bundled model (shapes-v1) over the *tuning* prompts of
-``bench/diagnostics.py --calibrate`` (grammar prompts drawn with a seed disjoint from the evaluation prompts and
-from the default suite): each "low is bad" score's threshold sits at a low quantile of its healthy distribution,
-so on a healthy model few concepts are flagged by construction. The calibration writes
-``auditor/thresholds.json`` beside this file; when present it overrides these defaults, and the run manifest
-records the values actually used.
+``auditor/thresholds.json`` (beside this file) holds the calibrated values and overrides the defaults below; the
+run manifest records the values actually used. It is written by ``bench/diagnostics.py tune``: shapes-v1 (the
+healthy bundled model) generates the TUNING prompts (grammar prompts from their own rng seed, disjoint from the
+evaluation prompts and from every shipped suite); over the concepts the oracle confirms drawn as asked, each
+score's threshold sits at the same low (or, for "high is bad" scores, high) quantile of its distribution, that
+quantile chosen so that 5% of those healthy concepts get a flag. The file's ``provenance`` says which prompts,
+seeds, model, relevance matrix and quantile; ``load`` ignores it. The defaults below are only a fallback.
 """
 
 from __future__ import annotations

@@ -12,25 +12,32 @@ Prompt sets (grammar prompts, ``auditor.zoo.grammar.sample``; disjoint by constr
 - DEFECT-EVAL: prompts from ``V2_EVAL_SEED`` drawn with the v2 world (``defects=True``), stratified so each planted
   defect has prompts it affects plus control prompts; shapes-v2 with its own relevance matrix.
 Prompts of the default suite (``prompt_suites/shapes-default.yaml``) and of the other sets are excluded from each
-set. Generations are cached under ``work_diag/`` (keyed by model fingerprint and prompt set), so re-scoring or
-re-tuning never regenerates.
+set. Generations are cached under ``work_diag/`` (keyed by model fingerprint, relevance matrix, k and prompt set),
+so re-scoring or re-tuning never regenerates; delete the folder after changing how scores are computed.
 
 Tuning ("healthy" concept = the oracle finds every object the prompt names, in its named colour and, when the
 prompt names a position, there): each score that flags when low gets its threshold at the ``q`` quantile of its
-distribution over healthy concepts, each that flags when high at ``1 - q``. With several independent tests per
-concept, ``q`` is the per-test share, chosen so that the *concept* false-flag rate on the tuning prompts is the
-target (5%) or just below (a search over q; the resulting per-score quantiles are written to the provenance).
+distribution over healthy concepts, each that flags when high at ``1 - q``. One ``q`` for all scores, searched so
+that the share of tuning concepts with any flag is at most the target (5%): by default over *all* concepts of the
+tuning generations, the quantity an audit reports (``--population healthy``: over healthy concepts only).
 
-Defect evaluation (truth = what the oracle sees in that image):
+Defect evaluation (truth = what the oracle sees in that image, never the grammar's label):
 - star_neglected -> ``missing`` on the object "star": truth = the star's named colour is nowhere in the image;
 - green_misbound -> ``misplaced`` on the attribute "green": truth = (pair prompts with named positions) the green
-  object's named place holds the other object's colour and the other's place holds green;
-- purple_as_blue -> any flag on the attribute "purple" (the brief: measure which type fires): truth = no purple
-  region and a blue one where the purple object was asked.
-For a defect: candidates = every concept with the defect's word in the defect's role, in v2 generations of prompts
-the defect affects and of control prompts that name the word without being affected; TP = candidate flagged with
-the mapped type and the defect visible; FP = flagged, not visible; FN = visible, not flagged.
-precision = TP / (TP + FP), recall = TP / (TP + FN), each with a Wilson 95% interval.
+  object's named place holds the other object's colour and the other's place holds green (the planted swap);
+- green_leak (a looser truth for the same defect) -> ``misplaced`` on "green": green is drawn at the other
+  object's named place, whatever is drawn at its own;
+- purple_as_blue -> any flag on the attribute "purple" (which type fires, if any, is reported): truth = no purple
+  region and a blue one where the purple object was asked (at its named position, if any).
+For a defect: candidates = every concept with the defect's word in the defect's role (the noun "star"; the colour
+word "green" / "purple"), in v2 generations of prompts the defect affects and of control prompts that name the
+word without being affected (every named purple is affected: no purple controls); prompts another defect touches
+are left out, since the oracle could not tell which defect it sees. TP = candidate flagged with the mapped type
+and the defect visible; FP = flagged, not visible; FN = visible, not flagged.
+precision = TP / (TP + FP), recall = TP / (TP + FN), each with a Wilson 95% interval. ``eval`` also reports the
+same quantile rule at other q (``tradeoff``: what any calibration could reach, chosen on nothing here) and how well
+the maps tell two objects apart at all (``localisation``: a word's map denser inside its own object's oracle mask
+than the other's; 0.5 = chance).
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ DEFECT_MAP = {  # defect -> (word, role, flag types that count)
     "green_misbound": ("green", "attribute", ("misplaced",)),
     "purple_as_blue": ("purple", "attribute", ("missing", "misplaced", "misinterpreted")),
 }
+# A looser truth for green_misbound, reported beside it: v2 often paints both objects green rather than swapping
+# colours, so the strict swap is rarely visible; "green_leak" = green is drawn at the other object's named place.
+TRUTH_VARIANTS = {"green_leak": "green_misbound"}
 
 
 # --- prompt sets --------------------------------------------------------------------------------------------------
@@ -96,7 +106,9 @@ def defect_set(n_per: int, n_control: int, exclude: set[str]) -> list:
     """v2-world prompts: for each defect ``n_per`` prompts it affects (that one defect only, truth checkable) and
     ``n_control`` prompts naming its word unaffected; plus ``n_control`` prompts no defect touches."""
     rng = np.random.default_rng(V2_EVAL_SEED)
-    want = {d: n_per for d in DEFECT_MAP} | {f"control:{d}": n_control for d in DEFECT_MAP} | {"control": n_control}
+    # Every named purple is affected (the defect has no unaffected prompt naming its word): no control for it.
+    want = {d: n_per for d in DEFECT_MAP} | {f"control:{d}": n_control for d in DEFECT_MAP if d != "purple_as_blue"}
+    want["control"] = n_control
     got: dict[str, list] = {k: [] for k in want}
     seen = set(exclude)
     tries = 0
@@ -114,8 +126,9 @@ def defect_set(n_per: int, n_control: int, exclude: set[str]) -> list:
                 key = d
         else:
             for d, (word, role, _) in DEFECT_MAP.items():
-                if _names_word(s, word, role) and _checkable(s, d) and len(got[f"control:{d}"]) < n_control:
-                    key = f"control:{d}"
+                ck = f"control:{d}"
+                if ck in want and _names_word(s, word, role) and _checkable(s, d) and len(got[ck]) < n_control:
+                    key = ck
                     break
             if key is None and not any(_names_word(s, w, r) for w, r, _ in DEFECT_MAP.values()) \
                     and len(got["control"]) < n_control:
@@ -164,6 +177,12 @@ def defect_visible(img: np.ndarray, s, defect: str) -> list[tuple[int, bool]]:
                 others = [(c2, None) for j, (c2, _) in enumerate(asked) if j != i]
                 got = find(img, others + [("purple", p), ("blue", p)])
                 out.append((i, not got[-2].present and got[-1].present))
+    elif defect == "green_leak" and s.kind == "pair":
+        for i, (c, _) in enumerate(asked):
+            if c == "green" and all(m.position_named for m in s.mentions):
+                pj = s.scene.objects[1 - i].position
+                got = find(img, [("green", pj)])
+                out.append((i, got[0].present and got[0].position == pj))
     elif defect == "green_misbound" and s.kind == "pair":
         for i, (c, _) in enumerate(asked):
             if c == "green" and all(m.position_named for m in s.mentions):
@@ -233,8 +252,9 @@ def generate(lm, relevance, samples: list, th, k: int, tag: str, keep_maps: bool
 
 def healthy_concepts(gen: dict) -> list[int]:
     """Indices of concepts whose object the oracle confirms drawn as asked (all objects of the prompt must be)."""
-    ok = healthy_objects(gen["image"], gen["sample"])
-    if not all(ok):
+    if "_healthy" not in gen:
+        gen["_healthy"] = healthy_objects(gen["image"], gen["sample"])
+    if not all(gen["_healthy"]):
         return []
     return [i for i, link in enumerate(gen["links"]) if link is not None or gen["concepts"][i]["role"] == "background"]
 
@@ -269,12 +289,17 @@ def false_flag_rate(gens: list[dict], th, healthy_only: bool = True) -> dict:
 
 def defect_scores(gens: list[dict], th) -> dict:
     out = {}
-    for defect, (word, role, types) in DEFECT_MAP.items():
+    for defect, planted in [(d, d) for d in DEFECT_MAP] + list(TRUTH_VARIANTS.items()):
+        word, role, types = DEFECT_MAP[planted]
         tp = fp = fn = tn = 0
         by_type_on_visible: dict[str, int] = {}
         for g in gens:
-            s = g["sample"]
-            vis = dict(defect_visible(g["image"], s, defect))
+            if any(d != planted for d in g["defects"]):
+                continue  # another defect changes the drawing: the oracle could not tell which one it sees
+            key = f"_visible_{defect}"
+            if key not in g:
+                g[key] = dict(defect_visible(g["image"], g["sample"], defect))
+            vis = g[key]
             if not vis:
                 continue
             flags = reflag(g, th)
@@ -302,6 +327,41 @@ def defect_scores(gens: list[dict], th) -> dict:
                        "visible": tp + fn, "candidates": tp + fp + fn + tn,
                        "flag_types_on_visible": by_type_on_visible}
     return out
+
+
+def localisation(gens: list[dict]) -> dict:
+    """Whether the maps the diagnostics read tell the prompt's objects apart at all: over two-object generations
+    where the oracle finds both named colours, the share of words (object nouns; colour attributes) whose map is
+    denser inside their own object's oracle mask than inside the other's (0.5 = chance)."""
+    out: dict = {}
+    for g in gens:
+        s = g["sample"]
+        if s.kind != "pair":
+            continue
+        asked = wanted_from_sample(s)
+        if any(c is None for c, _ in asked):
+            continue
+        found = find(g["image"], [(c, None) for c, _ in asked])
+        if not all(f.present for f in found):
+            continue
+        for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
+            if link is None or link[1] not in ("noun", "colour"):
+                continue
+            i = link[0]
+            for method in ("selective", "all_heads"):
+                raw = g["maps"].get(f"{ci}_{method}")
+                if raw is None:
+                    continue
+                raw = raw.astype(np.float32)
+                own, other = raw[found[i].mask].mean(), raw[found[1 - i].mask].mean()
+                out.setdefault(f"{link[1]}:{method}", []).append(bool(own > other))
+    return {key: rate(int(sum(v)), len(v)) for key, v in sorted(out.items())}
+
+
+def _cached(tag: str) -> list[dict]:
+    """The newest cached generation set of a tag (the tuning generations, for the trade-off curve)."""
+    paths = sorted(CACHE.glob(f"{tag}-*.pkl"), key=lambda p: p.stat().st_mtime)
+    return pickle.loads(paths[-1].read_bytes()) if paths else []
 
 
 # --- tuning -------------------------------------------------------------------------------------------------------
@@ -341,21 +401,23 @@ def tune(args) -> None:
     gens = generate(lm, relevance, tuning, Thresholds(k=k), k, "tune")
     rows = score_table(gens)
     base = Thresholds(k=k)
-    # Search the per-score quantile q so that the share of healthy concepts with any flag is the target.
+    # Search the per-score quantile q so that the share of concepts with any flag is at most the target: over all
+    # concepts of the tuning generations (what an audit counts; default) or over the healthy ones only.
+    healthy_only = args.population == "healthy"
     lo, hi = 0.0, 0.25
     for _ in range(30):
         mid = (lo + hi) / 2
         th, _ = thresholds_at(rows, mid, base)
-        if false_flag_rate(gens, th)["rate"] > args.target:
+        if false_flag_rate(gens, th, healthy_only)["rate"] > args.target:
             hi = mid
         else:
             lo = mid
     th, vals = thresholds_at(rows, lo, base)
-    achieved = false_flag_rate(gens, th)
+    achieved = {"healthy_concepts": false_flag_rate(gens, th), "all_concepts": false_flag_rate(gens, th, False)}
     n_healthy = len(rows)
     data = {**th.to_json(), "provenance": {
         "how": "each score's threshold at the q / (1 - q) quantile of its distribution over healthy concepts; q "
-               "searched so that at most the target share of healthy tuning concepts gets any flag",
+               f"searched so that at most the target share of {args.population} tuning concepts gets any flag",
         "command": "python bench/diagnostics.py tune " + " ".join(sys.argv[2:]),
         "model": {"name": args.model, "fingerprint": lm.fingerprint},
         "relevance_sha256": relevance.sha256,
@@ -364,7 +426,8 @@ def tune(args) -> None:
         "image_seeds": f"0..{args.n - 1} (prompt i uses seed i)", "steps": STEPS, "guidance": GUIDANCE,
         "healthy": "the oracle finds every named object in its named colour (and named position)",
         "healthy_concepts": n_healthy, "generations": len(gens),
-        "q": round(lo, 5), "target_flag_rate": args.target, "achieved_flag_rate": achieved,
+        "q": round(lo, 5), "target_flag_rate": args.target, "target_population": args.population,
+        "achieved_flag_rate": achieved,
         "date": time.strftime("%Y-%m-%d"),
     }}
     for name, v in vals.items():
@@ -383,7 +446,7 @@ def read_k() -> int:
 
     p = ROOT / "bench/results/miou.json"
     if p.is_file():
-        best = json.loads(p.read_text()).get("best_k")
+        best = (json.loads(p.read_text()).get("tuning") or {}).get("k")
         if best:
             return int(best)
     return int(load_th().k)
@@ -398,7 +461,8 @@ def evaluate(args) -> None:
     th = load_th()
     k = int(th.k)
     exclude = suite_prompts() | {s.prompt for s in grammar_set(TUNE_SEED, args.tune_n, suite_prompts())}
-    res: dict = {"machine": f"{platform.machine()} ({platform.python_version()}), CPU", "date": time.strftime("%Y-%m-%d"),
+    res: dict = {"machine": f"{platform.machine()} ({platform.python_version()}), CPU",
+                 "date": time.strftime("%Y-%m-%d"),
                  "steps": STEPS, "guidance": GUIDANCE, "k": k, "thresholds": th.to_json()}
     # Healthy model, evaluation prompts: the false-flag rate.
     v1_set = grammar_set(V1_EVAL_SEED, args.v1_n, exclude)
@@ -408,6 +472,16 @@ def evaluate(args) -> None:
                              "all_concepts": false_flag_rate(g1, th, healthy_only=False),
                              "relevance_sha256": relevance.sha256}
     del lm
+    res["v1_localisation"] = localisation(g1)
+    res["v1_flag_rate_by_kind"] = {kind: false_flag_rate([g for g in g1 if g["kind"] == kind], th, healthy_only=False)
+                                   for kind in sorted({g["kind"] for g in g1})}
+    _merge_results({"evaluation": res})
+    from auditor.zoo import MODELS_DIR
+
+    if args.skip_v2 or (args.model_v2 == "shapes-v2" and not (MODELS_DIR / "shapes-v2" / "model_index.json").is_file()):
+        print(json.dumps(res, indent=1))
+        print("defect evaluation skipped" + ("" if args.skip_v2 else ": shapes-v2 is not installed"))
+        return
     # Broken model: planted defects.
     v2_set = defect_set(args.per_defect, args.controls, exclude | {s.prompt for s in v1_set})
     lm, relevance = load(args.model_v2, args.relevance_v2)
@@ -416,6 +490,18 @@ def evaluate(args) -> None:
     res["v2_relevance_sha256"] = relevance.sha256
     res["v2_prompts"] = {d: sum(1 for g in g2 if g["defects"] == [d]) for d in DEFECT_MAP}
     res["v2_prompts"]["controls"] = sum(1 for g in g2 if not g["defects"])
+    res["v2_localisation"] = localisation(g2)
+    # The trade-off the maps allow: the same per-score quantile rule at other q (tuning rows as in `tune`); shows
+    # whether any calibration could meet the goals, without choosing anything on these prompts.
+    rows = score_table(_cached("tune"))
+    if rows:
+        curve = []
+        for q in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5):
+            thq, _ = thresholds_at(rows, q, th)
+            d = defect_scores(g2, thq)
+            curve.append({"q": q, "v1_flag_rate_all": false_flag_rate(g1, thq, False)["rate"],
+                          **{name: {"precision": v["precision"], "recall": v["recall"]} for name, v in d.items()}})
+        res["tradeoff"] = curve
     res["v2_control_false_flags"] = false_flag_rate([g for g in g2 if not g["defects"]], th)
     _merge_results({"evaluation": res})
     print(json.dumps(res, indent=1))
@@ -439,6 +525,9 @@ def main() -> None:
     t.add_argument("--relevance", default=None, help="relevance matrix (default: the model's bundled one)")
     t.add_argument("--n", type=int, default=400, help="tuning prompts")
     t.add_argument("--target", type=float, default=TARGET_RATE, help="flag rate of healthy tuning concepts")
+    t.add_argument("--population", choices=("all", "healthy"), default="all",
+                   help="concepts whose flag rate the target bounds: all tuning concepts (what an audit counts) "
+                        "or only those the oracle confirms drawn as asked")
     t.add_argument("--out", default=None, help="default: auditor/thresholds.json")
     e = sub.add_parser("eval", help="precision / recall on shapes-v2 defects; false flags on shapes-v1")
     e.add_argument("--model-v1", default="shapes-v1")
@@ -449,6 +538,7 @@ def main() -> None:
     e.add_argument("--v1-n", type=int, default=200)
     e.add_argument("--per-defect", type=int, default=80)
     e.add_argument("--controls", type=int, default=30)
+    e.add_argument("--skip-v2", action="store_true", help="only the shapes-v1 false-flag part")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

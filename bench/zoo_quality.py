@@ -107,7 +107,9 @@ def defect_visibility(pipe, n: int, seed: int) -> dict:
         for s, im in zip(samples, imgs):
             asked = wanted_from_sample(s)
             if d == "purple_as_blue":
-                i = next(k for k, (c, _) in enumerate(asked) if c == "purple")
+                i = next((k for k, (c, _) in enumerate(asked) if c == "purple"), None)
+                if i is None:  # purple not named: nothing to show
+                    continue
                 got = find(im, [("purple", None), ("blue", asked[i][1])])
                 vis.append(not got[0].present and got[1].present)
             elif d == "star_neglected":

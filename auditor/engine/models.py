@@ -293,6 +293,10 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pi
         raise AuditorError(f"--model {spec}: cannot load {folder}: {first}") from None
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
+    if source == "bundled" and dev == "cpu":
+        # The bundled model's tensors are tiny: a second intra-op thread buys nothing, and on a busy machine its
+        # spin-waiting made generations 15-25x slower (docs/benchmarks.md).
+        torch.set_num_threads(1)
     _PIPE_FINGERPRINTS[pipe.unet] = fp
     _PIPE_FOLDERS[pipe.unet] = folder
     return LoadedModel(spec, folder, source, pipe, fp, dev, dtype)
