@@ -26,7 +26,12 @@ PROMPTS = [
      [("star", "object", "shape", None), ("green", "attribute", "colour", 0), ("ring", "object", "shape", None),
       ("striped", "attribute", "texture", 2)]),
 ]
+# A prompt whose categories have no calibrated heads (not in CATEGORIES): the runner falls back to the all-heads map
+# for them and records no selective map, with a note. Only the report tests use it.
+FALLBACK_PROMPT = ("no-heads", "a shiny wheel on the left",
+                   [("wheel", "object", "vehicle", None), ("shiny", "attribute", "material", 0)])
 CATEGORIES = ["colour", "shape", "texture", "fruit", "position"]
+POLYSEMOUS = {"orange": ("colour", "fruit")}  # words with several readings get a category_response
 LAYERS = ["down_blocks.0.attentions.0", "down_blocks.1.attentions.0", "mid_block.attentions.0",
           "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"]
 HEAD_NAMES = [f"{layer}.transformer_blocks.0.attn2#h{j}" for layer in LAYERS for j in range(8)]
@@ -98,14 +103,26 @@ def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0
                     ftype = "missing" if role == "object" else "misplaced"
                     flags.append({"type": ftype, "severity": ["low", "medium", "high"][severity],
                                   "message": MESSAGES[ftype].format(t=word, c=cat)})
-                records.append({"text": word, "role": role, "category": cat, "binds_to": binds,
-                                "token_indices": [i + 2], "flags": flags,
-                                "scores": {"peak": round(float(peak), 4),
-                                           "concentration": round(0.1 + 0.2 * conc if flags else 0.6 + 0.3 * conc, 4)}})
-                for method in METHODS:
+                method = "selective" if cat in CATEGORIES else "all_heads"
+                rec = {"id": i, "text": word, "lemma": word, "role": role, "category": cat,
+                       "category_source": "lexicon", "binds_to": binds, "token_indices": [i + 2], "flags": flags,
+                       "map_method": method,
+                       "scores": {"peak": round(float(peak), 4),
+                                  "concentration": round(0.1 + 0.2 * conc if flags else 0.6 + 0.3 * conc, 4)}}
+                if method != "selective":
+                    rec["note"] = f"no calibrated heads for category {cat!r}: verdicts use the all-heads map"
+                if word in POLYSEMOUS:  # no draw from rng: the rest of the run stays the same
+                    rec["category_response"] = {c: round(0.01 + 0.004 * (c == cat) + 0.001 * s, 6)
+                                                for c in POLYSEMOUS[word]}
+                if pid == FALLBACK_PROMPT[0] and role == "object":
+                    rec["position"] = "left"
+                records.append(rec)
+                for m_name in METHODS:
                     m = blob(rng, size)
-                    maps[f"{i}_{method}"] = m
-                    overlays[f"{i}_{method}"] = overlay(image, m)
+                    if m_name == "selective" and method != "selective":
+                        continue  # the runner records no selective map for a category without heads
+                    maps[f"{i}_{m_name}"] = m
+                    overlays[f"{i}_{m_name}"] = overlay(image, m)
             store.add_generation({"prompt_id": pid, "prompt": text, "seed": s, "concepts": records},
                                  image, maps, overlays)
     if finish:

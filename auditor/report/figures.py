@@ -81,15 +81,18 @@ def _plt():
     return plt
 
 
-def _layer_axis(ax, head_names: list[str], line_colour: str) -> None:
+def _layer_axis(ax, head_names: list[str], line_colour: str, fontsize: float = 8) -> None:
     """Separators between layers and one label per layer under the heads it owns."""
     groups = layer_groups(head_names)
     for _, start, _ in groups[1:]:
         ax.axvline(start, color=line_colour, lw=1.0)
     step = max(1, len(groups) // 40)  # SDXL has ~70 layers: label every n-th so labels stay readable
     ax.set_xticks([(s + e) / 2 for _, s, e in groups[::step]])
-    ax.set_xticklabels([short_layer(g) for g, _, _ in groups[::step]], rotation=90, fontsize=7)
-    ax.set_xlabel(f"cross-attention heads, grouped by layer ({len(head_names)} heads, {len(groups)} layers)", fontsize=8)
+    few = len(groups[::step]) <= 12  # a handful of layers: labels read horizontally
+    ax.set_xticklabels([short_layer(g) for g, _, _ in groups[::step]], rotation=0 if few else 90, fontsize=fontsize)
+    ax.tick_params(axis="x", length=0 if few else 3)
+    ax.set_xlabel(f"cross-attention heads, grouped by layer ({len(head_names)} heads, {len(groups)} layers)",
+                  fontsize=fontsize)
 
 
 def _scaled(rel: Relevance) -> np.ndarray:
@@ -97,16 +100,26 @@ def _scaled(rel: Relevance) -> np.ndarray:
     return rel.matrix / np.maximum(rel.matrix.max(axis=1, keepdims=True), 1e-12)
 
 
+def _heatmap_width(n_heads: int) -> float:
+    """Inches: wide enough that a head is a visible column, no wider than a landscape page. The report shows the
+    figure at the text width (about 7 in), so fonts are sized for that."""
+    return float(min(13.0, max(7.5, 2.5 + 0.09 * n_heads)))
+
+
 def relevance_heatmap(rel: Relevance, out: Path) -> Path:
     """Categories x heads (rows scaled to their maximum)."""
     import seaborn as sns
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.32 * len(rel.categories)), dpi=130)
+    width = _heatmap_width(len(rel.head_names))
+    fs = 8 * width / 7.5  # the figure is shrunk to the text width: scale fonts back up
+    fig, ax = plt.subplots(figsize=(width, 1.3 + 0.3 * len(rel.categories) * width / 7.5), dpi=130)
     sns.heatmap(_scaled(rel), ax=ax, cmap="rocket_r", yticklabels=rel.categories,
                 cbar_kws={"label": "relevance / row max", "shrink": 0.8, "pad": 0.01})
-    ax.tick_params(axis="y", labelsize=8, rotation=0)
-    _layer_axis(ax, rel.head_names, "white")
+    ax.tick_params(axis="y", labelsize=fs, rotation=0)
+    ax.figure.axes[-1].tick_params(labelsize=fs * 0.9)
+    ax.figure.axes[-1].yaxis.label.set_size(fs)
+    _layer_axis(ax, rel.head_names, "white", fs)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -118,7 +131,7 @@ def flag_bars(summary: dict, out: Path) -> Path | None:
         return None
     plt = _plt()
     cats = sorted(counts, key=lambda c: sum(counts[c].values()))
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.3 * len(cats)), dpi=130)
+    fig, ax = plt.subplots(figsize=(5.5, 0.8 + 0.28 * len(cats)), dpi=130)
     left = np.zeros(len(cats))
     for ftype, colour in FLAG_COLOURS.items():
         vals = np.array([counts[c].get(ftype, 0) for c in cats])
@@ -137,18 +150,23 @@ def relevance_shift(a: Relevance, b: Relevance, overlap: dict[str, float], k: in
 
     plt = _plt()
     delta = _scaled(b) - _scaled(a)
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 1.4 + 0.34 * len(a.categories)), dpi=130,
+    width = _heatmap_width(len(a.head_names)) + 1.5
+    fs = 8 * width / 9.0
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(width, 1.5 + 0.3 * len(a.categories) * width / 9.0), dpi=130,
                                    gridspec_kw={"width_ratios": [1, 5]})
     cats = a.categories
     ax0.barh(cats, [overlap[c] for c in cats], color="#2c7fb8")
     ax0.set_xlim(0, 1)
     ax0.invert_yaxis()
-    ax0.set_xlabel(f"top-{k} heads kept")
+    ax0.set_xlabel(f"top-{k} heads kept", fontsize=fs)
+    ax0.tick_params(labelsize=fs)
     ax0.spines[["top", "right"]].set_visible(False)
     lim = float(np.abs(delta).max()) or 1.0
     sns.heatmap(delta, ax=ax1, cmap="vlag", vmin=-lim, vmax=lim, yticklabels=False,
                 cbar_kws={"label": "relevance change (B - A)", "shrink": 0.8, "pad": 0.01})
-    _layer_axis(ax1, a.head_names, "#555555")
+    ax1.figure.axes[-1].tick_params(labelsize=fs * 0.9)
+    ax1.figure.axes[-1].yaxis.label.set_size(fs)
+    _layer_axis(ax1, a.head_names, "#555555", fs)
     fig.tight_layout()
     return _save(fig, out)
 

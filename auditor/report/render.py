@@ -19,9 +19,12 @@ from auditor.manifest import flatten
 from auditor.report.figures import Relevance, flag_bars, read_relevance, relevance_heatmap, short_head
 from auditor.resources import templates_dir
 from auditor.store import RELEVANCE_NAME, RunStore
-from auditor.summary import FLAG_TYPES, concept_labels
+from auditor.summary import FLAG_TYPES, UNCATEGORISED, concept_labels
 
 HTML_NAME = "report.html"
+# Images are embedded at print resolution (the overlays are 256 px for the screen; a 20 mm map needs ~120 px), which
+# keeps the PDF small and quick to write.
+PDF_OPTIONS = {"dpi": 150}
 PDF_NAME = "report.pdf"
 MAP_METHODS = (("selective", "selective heads"), ("all_heads", "all heads"))
 FLAG_MEANINGS = {
@@ -31,6 +34,21 @@ FLAG_MEANINGS = {
                  "leaked to the wrong object), or an object sits away from the position or relation the prompt names",
     "misinterpreted": "a word with several readings (\"orange\": a colour or a fruit) responds most in the heads of "
                       "a category its role in the prompt does not imply: the model read it the other way",
+}
+
+# The diagnostics' settings (auditor/thresholds.py), in words for the methods chapter.
+THRESHOLD_MEANINGS = {
+    "min_peak_ratio": "missing when an object's peak attention is below this share of the strongest object's peak",
+    "min_concentration": "missing when less than this share of an object's attention falls inside its own region",
+    "max_shared_region": "missing when an object's region overlaps another object's by more than this (IoU)",
+    "min_binding_margin": "misplaced when an attribute's share on its own object minus its share on another object "
+                          "is below this",
+    "position_margin": "misplaced when an object's centre is not at least this far (fraction of the image) on the "
+                       "side the prompt names",
+    "min_category_margin": "misinterpreted when the log-ratio of the expected reading's response to the strongest "
+                           "other reading's is below this",
+    "max_flag_rate": "a concept fails its prompt when flagged in more than this share of its seeds",
+    "k": "heads per category in a selective map",
 }
 
 
@@ -67,12 +85,12 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def write_pdf(html: str, base_dir: Path, path: Path) -> Path:
+    """Lay the HTML out for print and write it atomically (a reader never sees half a PDF)."""
     from weasyprint import HTML
 
-    try:
-        HTML(string=html, base_url=str(base_dir)).write_pdf(str(path))
-    except OSError as exc:
-        raise AuditorError(f"{path}: cannot write the PDF ({exc.strerror or exc})") from None
+    from auditor.store import atomic_write
+
+    atomic_write(path, HTML(string=html, base_url=str(base_dir)).write_pdf(**PDF_OPTIONS))
     return path
 
 
@@ -104,6 +122,7 @@ def build_context(store: RunStore) -> dict:
         "flag_meanings": FLAG_MEANINGS,
         "methods": MAP_METHODS,
         "thresholds": m.get("thresholds") or {},
+        "threshold_meanings": THRESHOLD_MEANINGS,
         "k": k,
         "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -138,26 +157,76 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def prompt_views(generations: list[dict], summary: dict) -> list[dict]:
-    """Per prompt: its images by seed, and per concept one cell per seed (maps + flags) with its rate across seeds."""
+    """Per prompt: its images by seed, and per concept one cell per seed (maps, flags, category response) aligned
+    with the images, with what the prompt asks of it and its flag rate across seeds."""
     stats = {(c["prompt_id"], c["concept"]): c for c in summary.get("concepts", [])}
     flagged_prompts = set((summary.get("prompts") or {}).get("flagged_ids", []))
     views: "OrderedDict[str, dict]" = OrderedDict()
     for g in generations:
         v = views.setdefault(g["prompt_id"], {"id": g["prompt_id"], "text": g.get("prompt", ""), "images": [],
-                                              "concepts": OrderedDict(), "passed": g["prompt_id"] not in flagged_prompts,
-                                              "flags": 0})
-        v["images"].append({"seed": g["seed"], "src": g["image"]})
+                                              "seeds": [], "concepts": OrderedDict(), "flags": 0,
+                                              "passed": g["prompt_id"] not in flagged_prompts})
+        v["seeds"].append(g["seed"])
+        v["images"].append({"seed": g["seed"], "src": g.get("image")})
         concepts = g.get("concepts") or []
         for label, c in zip(concept_labels(concepts), concepts):
-            cv = v["concepts"].setdefault(label, {"label": label, "text": c.get("text"), "role": c.get("role"),
-                                                  "category": c.get("category"), "stats": stats.get((g["prompt_id"], label)),
-                                                  "cells": []})
+            cv = v["concepts"].get(label)
+            if cv is None:
+                cv = v["concepts"][label] = {**concept_facts(c, concepts), "label": label,
+                                             "stats": stats.get((g["prompt_id"], label)), "by_seed": {}, "notes": []}
             v["flags"] += len(c.get("flags") or [])
-            cv["cells"].append({"seed": g["seed"], "maps": c.get("maps") or {}, "flags": c.get("flags") or [],
-                                "scores": c.get("scores") or {}})
+            method = c.get("map_method") or "selective"
+            if c.get("note") and c["note"] not in cv["notes"]:
+                cv["notes"].append(c["note"])
+            if method != "selective":
+                cv["fallback"] = True
+            cv["by_seed"][g["seed"]] = {"seed": g["seed"], "maps": c.get("maps") or {}, "method": method,
+                                        "flags": c.get("flags") or [], "scores": c.get("scores") or {},
+                                        "response": category_response(c)}
+    out = []
     for v in views.values():
-        v["concepts"] = list(v["concepts"].values())
-    return list(views.values())
+        concepts = list(v["concepts"].values())
+        for cv in concepts:  # one cell per seed of the prompt, in image order; None where a seed lacks the concept
+            cv["cells"] = [cv["by_seed"].get(seed) for seed in v["seeds"]]
+            cv.setdefault("fallback", False)
+        out.append({**v, "concepts": concepts, "flagged_concepts": sum(1 for c in concepts if c["stats"] and not c["stats"]["passed"])})
+    return out
+
+
+def concept_facts(c: dict, concepts: list[dict]) -> dict:
+    """What the prompt says about a concept, in words: its role, the object it describes, its category and where
+    the prompt puts it."""
+    def text_of(i):
+        ok = isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(concepts)
+        return concepts[i].get("text") if ok else None
+
+    role, bound = c.get("role") or "concept", text_of(c.get("binds_to"))
+    asks = []
+    if c.get("position"):
+        asks.append(f"on the {c['position']}" if c["position"] in ("left", "right", "top", "bottom") else str(c["position"]))
+    for r in c.get("relations") or []:
+        other = text_of(r.get("object"))
+        asks.append(f"{r.get('relation')} {other!r}" if other else str(r.get("relation")))
+    if c.get("count") and int(c["count"]) > 1:
+        asks.append(f"{c['count']} of them")
+    category, source = c.get("category") or UNCATEGORISED, c.get("category_source")
+    return {"text": c.get("text"), "role": role, "role_text": f"{role} of {bound!r}" if bound else role,
+            "category": category, "category_note": CATEGORY_SOURCES.get(source), "asks": asks}
+
+
+CATEGORY_SOURCES = {"override": "set by the suite", "unknown": "not in the lexicon"}
+
+
+def category_response(c: dict) -> list[dict] | None:
+    """A word with several readings: how strongly each candidate category's heads respond to it, strongest first,
+    with the category its role implies marked ``expected``; None for other words."""
+    resp = c.get("category_response")
+    if not isinstance(resp, dict) or not resp:
+        return None
+    top = max(resp.values()) or 1.0
+    rows = sorted(resp.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [{"category": cat, "value": value, "share": max(0.0, value / top), "expected": cat == c.get("category"),
+             "strongest": i == 0} for i, (cat, value) in enumerate(rows)]
 
 
 def model_view(rel: Relevance | None, summary: dict, k: int, manifest: dict) -> dict:
@@ -204,7 +273,7 @@ def pdf_document(run_dir: str | Path):
 
     with RunStore.open(run_dir) as store:
         html = environment().get_template("report.html.j2").render(**build_context(store), css=stylesheet(), pdf=True)
-        return HTML(string=html, base_url=str(store.dir)).render()
+        return HTML(string=html, base_url=str(store.dir)).render(**PDF_OPTIONS)
 
 
 def publish(run_dir: str | Path, pdf: bool = True) -> list[Path]:

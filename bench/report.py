@@ -1,0 +1,596 @@
+"""Write the ground-truth benchmark sections of docs/benchmarks.md, and their figures, from bench/results/*.json.
+
+    .venv/bin/python bench/report.py          # after the benchmarks (``make bench`` runs both)
+
+Replaces only these sections (each a ``## `` heading up to the next one), appending any that are missing:
+"Selective maps vs all heads (mIoU)", "Misinterpretation", "Calibration budget", "Costs summary". Every other
+section of the file is left as it is. Figures go to docs/figures/ (seaborn). Nothing here measures anything: every
+number comes from the JSON results, and sentences that judge a result are chosen by the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from stats import fmt_ci  # noqa: E402
+
+DOC = common.ROOT / "docs" / "benchmarks.md"
+FIG = common.ROOT / "docs" / "figures"
+METHOD_ORDER = ("all_heads", "selective", "weighted", "bottom_k")
+
+
+def load(name: str) -> dict | None:
+    p = common.RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def machine_line(r: dict) -> str:
+    m = r.get("machine", {})
+    if isinstance(m, str):
+        return f"{m}; {r.get('date', '')}"
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} with "
+            f"{m.get('torch_threads', '?')} threads, Python {m.get('python', '?')}; 1-minute load average "
+            f"{m.get('load_average_1min_at_start', '?')} when it started; {m.get('date', '?')}"
+            + (f"; commit {r['commit']}" if r.get("commit") else ""))
+
+
+def ci(d: dict, digits: int = 3) -> str:
+    return fmt_ci(d, "mean", digits) if d and d.get("n") else "n/a"
+
+
+def signed(d: dict, digits: int = 3) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def verdict(diff: dict) -> str:
+    lo, hi = diff["ci95"]
+    if lo > 0:
+        return "better (interval above 0)"
+    if hi < 0:
+        return "worse (interval below 0)"
+    return "no significant difference (interval spans 0)"
+
+
+def figure(name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="paper")
+    FIG.mkdir(parents=True, exist_ok=True)
+    return plt, sns, FIG / name
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(DOC.parent))
+
+
+# --- mIoU ---------------------------------------------------------------------------------------------------------
+
+
+def miou_figures(r: dict) -> list[str]:
+    out = []
+    ks = r["settings"]["ks"]
+    # k curves, tuning and test
+    plt, sns, path = figure("miou_k_curve.png")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, (split, curves) in zip(axes, (("tuning", r["tuning"]["curves"]["0-1"]), ("test", r["test"]["curves"]["0-1"]))):
+        for m, colour in (("selective", "C0"), ("bottom_k", "C3")):
+            ax.plot(ks, [curves[f"{m}@{k}"] for k in ks], "o-", color=colour, label=m, ms=3)
+        oc = r["oracle_ranking"]["curve_tune" if split == "tuning" else "curve_test"]
+        ax.plot(ks, [oc[str(k)] for k in ks], "s--", color="C2", ms=3, label="oracle ranking (tuning IoU)")
+        ax.axhline(curves["all_heads"], color="k", ls=":", label="all_heads")
+        ax.axhline(curves["weighted"], color="C1", ls="-.", label="weighted")
+        ax.axvline(r["tuning"]["k"], color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (heads)")
+        ax.set_title(f"{split} split, all steps" + (" (k chosen here)" if split == "tuning" else ""))
+    axes[0].set_ylabel("mean IoU")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    out.append(f"![mean IoU against k]({rel(path)})")
+    # per category bars with intervals
+    plt, sns, path = figure("miou_by_category.png")
+    rows = []
+    for cat, t in r["test"]["per_category"].items():
+        for m in METHOD_ORDER:
+            if t[m].get("n"):
+                rows.append((cat, m, t[m]["mean"], *t[m]["ci95"]))
+    rows += [("all", m, r["test"]["main"][m]["mean"], *r["test"]["main"][m]["ci95"]) for m in METHOD_ORDER]
+    cats = list(dict.fromkeys(x[0] for x in rows))
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.2
+    for j, m in enumerate(METHOD_ORDER):
+        xs = [cats.index(x[0]) + (j - 1.5) * width for x in rows if x[1] == m]
+        ys = [x[2] for x in rows if x[1] == m]
+        err = np.array([[x[2] - x[3], x[4] - x[2]] for x in rows if x[1] == m]).T
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=m, color=sns.color_palette()[j])
+    ax.set_xticks(range(len(cats)), cats)
+    ax.set_ylabel("mean IoU (test, 95% CI)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    out.append(f"![mean IoU by category]({rel(path)})")
+    # relevance vs single-head IoU
+    plt, sns, path = figure("miou_relevance_vs_head_iou.png")
+    cats = [c for c, v in r["per_head"].items() if v["concepts"] >= 10] or list(r["per_head"])[:3]
+    fig, axes = plt.subplots(1, len(cats), figsize=(3 * len(cats), 3), squeeze=False)
+    for ax, c in zip(axes[0], cats):
+        v = r["per_head"][c]
+        ax.scatter(v["relevance"], v["head_iou"], s=10)
+        ax.axhline(v["all_heads_iou"], color="k", ls=":", lw=0.8)
+        ax.set_title(f"{c}: Spearman {v['spearman_relevance_vs_head_iou']:+.2f}", fontsize=8)
+        ax.set_xlabel("head relevance")
+    axes[0][0].set_ylabel("single-head mean IoU (tuning)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    out.append(f"![relevance against single-head IoU]({rel(path)})")
+    # windows
+    plt, sns, path = figure("miou_windows.png")
+    wins = list(r["settings"]["windows"])
+    labs = ["all_heads", f"selective@{r['tuning']['k']}", "weighted", f"bottom_k@{r['tuning']['k']}"]
+    mat = np.array([[r["tuning"]["curves"][w][lab] for w in wins] for lab in labs])
+    fig, ax = plt.subplots(figsize=(6.5, 2.4))
+    sns.heatmap(mat, annot=True, fmt=".3f", xticklabels=[f"steps {w}" for w in wins], yticklabels=labs, ax=ax,
+                cmap="viridis", cbar=False)
+    ax.set_title("tuning split: mean IoU by timestep window (0 = first, noisiest step)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    out.append(f"![mean IoU by timestep window]({rel(path)})")
+    ex = example_figure(r)
+    if ex:
+        out.append(ex)
+    return out
+
+
+def example_figure(r: dict) -> str | None:
+    """A few test concepts: image, oracle mask, all-heads and selective maps with their Otsu masks (from the
+    cached captures; skipped when they are not on this machine)."""
+    try:
+        import miou
+    except ImportError:
+        return None
+    data = miou.load(common.CACHE / "miou_test.npz", None)
+    if data is None:
+        return None
+    from auditor.engine.maps import binarize
+
+    rm = common.load_relevance(common.ROOT / r["relevance"]["path"])
+    k = r["tuning"]["k"]
+    H = len(data["meta"]["head_names"])
+    rows = data["meta"]["rows"]
+    pick, seen = [], set()
+    for i, row in enumerate(rows):  # one noun or colour word from each of the first generations
+        if row["role"] in ("noun", "colour") and row["gen"] not in seen and len(pick) < 6:
+            pick.append(i)
+            seen.add(row["gen"])
+    plt, sns, path = figure("miou_examples.png")
+    fig, axes = plt.subplots(len(pick), 6, figsize=(9, 1.6 * len(pick)), squeeze=False)
+    allowed = np.ones(H, bool)
+    for a, i in zip(axes, pick):
+        row = rows[i]
+        W = np.stack([np.ones(H, np.float32), miou.subset_weights(rm, row["category"], "selective", k, allowed)])
+        maps = miou.aggregate(data, i, np.nan_to_num(W), miou.WINDOWS["0-1"])
+        a[0].imshow(data["images"][row["gen"]])
+        a[0].set_title(row["prompt"][:34], fontsize=5)
+        a[1].imshow(data["truth"][i], cmap="gray")
+        a[1].set_title(f"oracle: {row['word']}", fontsize=6)
+        for j, name in enumerate(("all_heads", f"selective@{k}")):
+            a[2 + 2 * j].imshow(maps[j], cmap="inferno")
+            a[2 + 2 * j].set_title(name, fontsize=6)
+            a[3 + 2 * j].imshow(binarize(maps[j]), cmap="gray")
+            a[3 + 2 * j].set_title("Otsu mask", fontsize=6)
+        for ax in a:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return f"![examples: all heads vs selective]({rel(path)})"
+
+
+def miou_section(r: dict) -> str:
+    t, tu = r["test"], r["tuning"]
+    k = tu["k"]
+    sp = r["splits"]
+    L = ["## Selective maps vs all heads (mIoU)", ""]
+    L += ["Does aggregating only the heads most relevant to a concept's category localise the concept better than "
+          "all heads (DAAM)? Ground truth: the shapes-world oracle's mask of each prompted object in the generated "
+          "image. Protocol in the docstring of `bench/miou.py`; in short: held-out compositions only, a tuning split "
+          "and a disjoint test split (different prompt seeds, no prompt text in both), one fixed-seed image per "
+          "prompt, 20 steps, guidance 5; every concept (object nouns; colour, size and texture words, whose truth is "
+          "their object's mask) binarised by the engine's one mask policy (Otsu) and scored by IoU; k and the "
+          "timestep windows chosen on the tuning split only; 95% intervals by bootstrap over generations (seed 0).", ""]
+    L += ["```sh", r["command"], "```", "", f"Machine: {machine_line(r)}.", "",
+          f"Relevance matrix: `{r['relevance']['path']}` (sha256 {r['relevance']['sha256'][:12]}, "
+          f"{r['relevance']['budget_prompts']} calibration prompts x {r['relevance']['steps']} steps).", ""]
+    L += [f"Tuning: {sp['tune']['generations']} generations, {sp['tune']['concepts']} concepts; test: "
+          f"{sp['test']['generations']} generations, {sp['test']['concepts']} concepts "
+          f"({', '.join(f'{c} {n}' for c, n in sp['test']['concepts_by_category'].items())}); objects the oracle "
+          f"did not find in the image (not scored): {sp['tune']['skipped_objects']} of {sp['tune']['objects']} "
+          f"(tuning), {sp['test']['skipped_objects']} of {sp['test']['objects']} (test). The fast scoring path "
+          f"reproduces `auditor.engine.maps.concept_map` (largest relative difference "
+          f"{max(sp['tune']['consistency_max_rel_diff'] or 0, sp['test']['consistency_max_rel_diff'] or 0):.1e}).", ""]
+    L += [f"**Test split, all denoising steps, k = {k} (chosen on tuning):**", "",
+          "| method | mean IoU [95% CI] | minus all_heads [95% CI] | beats all_heads on |",
+          "|---|---|---|---|"]
+    for m in METHOD_ORDER:
+        d = t["main"]["diff_vs_all_heads"].get(m)
+        name = {"selective": f"selective (top {k})", "bottom_k": f"bottom_k ({k} least relevant)"}.get(m, m)
+        wins = f"{d['a_wins']:.0%} of concepts" if d else "—"
+        L.append(f"| {name} | {ci(t['main'][m])} | {signed(d) if d else '—'} | {wins} |")
+    sel_d = t["main"]["diff_vs_all_heads"]["selective"]
+    bot_d = paired_gap(t["main"]["selective"], t["main"]["bottom_k"])
+    L += ["", f"Selective vs all heads on the test split: {verdict(sel_d)}. Selective vs bottom-k: "
+          f"{bot_d}. (The same protocol on the tuning split, where k was chosen: all_heads "
+          f"{ci(t['tune_same_protocol']['all_heads'])}, selective {ci(t['tune_same_protocol']['selective'])}.)", ""]
+    L += ["**Per category (test, all steps):**", "", "| category | concepts | " + " | ".join(METHOD_ORDER)
+          + " | selective minus all_heads |", "|---|---|" + "---|" * (len(METHOD_ORDER) + 1)]
+    for c, d in t["per_category"].items():
+        sd = d["diff_vs_all_heads"].get("selective")
+        L.append(f"| {c} | {d['all_heads']['n']} | " + " | ".join(ci(d[m]) for m in METHOD_ORDER)
+                 + f" | {signed(sd) if sd and sd.get('n') else 'n/a'} |")
+    pc = t["selective_per_category_k"]
+    L += ["", f"Selective with a k per category (chosen on tuning: "
+          f"{', '.join(f'{c} {v}' for c, v in tu['per_category_k'].items())}): {ci(pc)}; minus all_heads "
+          f"{signed(pc['diff_vs_all_heads'])}.", ""]
+    L += ["**Per layer resolution (test, all steps; heads of that resolution only, k chosen per resolution on "
+          "tuning):**", "", "| heads | k | all_heads | selective | weighted | bottom_k | selective minus all_heads |",
+          "|---|---|---|---|---|---|---|"]
+    for key, d in r["per_resolution"].items():
+        L.append(f"| {key} ({d['heads']} heads) | {d['k']} | " + " | ".join(ci(d[m]) for m in METHOD_ORDER)
+                 + f" | {signed(d['diff_selective_vs_all_heads'])} |")
+    L += ["", "Single layers, all their heads (test): " + "; ".join(
+        f"`{n.replace('.transformer_blocks.0.attn2', '').replace('attentions.', '')}` "
+        f"({'x'.join(map(str, v['grid']))}) {v['mean']:.3f}" for n, v in r["per_layer_all_heads"].items()) + ".", ""]
+    tw = t["tuned_windows"]
+    L += ["**Timestep windows** (each method at the window that was best on tuning; 0 = the first, noisiest "
+          "step):", "", "| method | window | mean IoU (test) |", "|---|---|---|"]
+    for m in METHOD_ORDER:
+        L.append(f"| {tw[m]['label']} | steps {tw[m]['window']} | {ci(tw[m])} |")
+    L += ["", f"Selective at its window minus all_heads at its window: {signed(tw['diff_selective_vs_all_heads'])} "
+          f"({verdict(tw['diff_selective_vs_all_heads'])}).", ""]
+    L += ["**Normalisation before aggregation** (test, all steps; k chosen on tuning for each):", "",
+          "| normalisation | k | all_heads | selective | weighted | bottom_k | selective minus all_heads | "
+          "all_heads minus raw all_heads |", "|---|---|---|---|---|---|---|---|",
+          f"| none (the engine's: raw probabilities) | {k} | " + " | ".join(ci(t["main"][m]) for m in METHOD_ORDER)
+          + f" | {signed(sel_d)} | — |"]
+    names = {"head": "each head min-max to [0, 1]", "share": "word's share of the prompt words' attention"}
+    for norm, d in r["normalisations"].items():
+        L.append(f"| {names.get(norm, norm)} | {d['k']} | " + " | ".join(ci(d[m]) for m in METHOD_ORDER)
+                 + f" | {signed(d['diff_selective_vs_all_heads'])} | {signed(d['diff_all_heads_vs_raw_all_heads'])} |")
+    o = r["oracle_ranking"]
+    ph = r["per_head"]
+    L += ["", "**Why — does relevance pick the heads that localise?** Each head alone (its map, Otsu, IoU) on the "
+          "tuning split, against its relevance for the concept's category:", "",
+          "| category | concepts | Spearman(relevance, single-head IoU) | best single head IoU | all heads IoU |",
+          "|---|---|---|---|---|"]
+    for c, v in ph.items():
+        L.append(f"| {c} | {v['concepts']} | {v['spearman_relevance_vs_head_iou']:+.2f} | {v['best_head_iou']:.3f} | "
+                 f"{v['all_heads_iou']:.3f} |")
+    L += ["", f"An *oracle ranking* — heads ordered by their single-head IoU on the tuning split, k = {o['k']} chosen "
+          f"there — reaches {ci(o['test'])} on the test split ({signed(o['diff_vs_all_heads'])} against all heads): "
+          "the most any ranking of this model's heads can be expected to gain, and how much of it the "
+          "relevance ranking recovers.", ""]
+    L += findings(r)
+    L += miou_figures(r)
+    L.append("")
+    return "\n".join(L)
+
+
+def paired_gap(a: dict, b: dict) -> str:
+    """Unpaired summary of two interval estimates (the paired one is in the table for all_heads only)."""
+    if a["ci95"][0] > b["ci95"][1]:
+        return f"selective is higher ({a['mean']:.3f} vs {b['mean']:.3f}, intervals do not overlap)"
+    if a["ci95"][1] < b["ci95"][0]:
+        return f"selective is LOWER ({a['mean']:.3f} vs {b['mean']:.3f}, intervals do not overlap)"
+    return f"{a['mean']:.3f} vs {b['mean']:.3f}, intervals overlap"
+
+
+def findings(r: dict) -> list[str]:
+    """Plain-language findings, each chosen by the numbers."""
+    t = r["test"]
+    out = ["**Findings.**", ""]
+    sel_d = t["main"]["diff_vs_all_heads"]["selective"]
+    lo, hi = sel_d["ci95"]
+    if lo > 0:
+        out.append(f"- The paper's claim holds on this model: selective maps localise better than all heads "
+                   f"(+{sel_d['mean']:.3f} mean IoU on the test split, interval above 0).")
+    else:
+        out.append(f"- The paper's claim does **not** reproduce with the engine's defaults on this model: selective "
+                   f"minus all heads is {signed(sel_d)} mean IoU on the test split.")
+    bd = t["main"]["diff_selective_vs_bottom_k"]
+    out.append(f"- Most relevant vs least relevant heads (the paper's control): selective minus bottom-k is "
+               f"{signed(bd)} ({verdict(bd)}).")
+    c = r.get("contrast")
+    if c:
+        a, s = c["all_heads"], c["selective"]
+        out.append(f"- How much a word's map stands out (test): per pixel, the word gets {a['level_vs_uniform']['mean']:.2f}x "
+                   f"the attention of a uniform spread over the text positions (all heads), and its attention inside "
+                   f"its object is {a['inside_over_outside']['mean']:.3f}x that outside (higher inside for "
+                   f"{a['share_inside_higher']:.0%} of concepts; selective: {s['inside_over_outside']['mean']:.3f}x, "
+                   f"{s['share_inside_higher']:.0%}). Where this ratio is near 1 the maps are nearly flat, Otsu splits "
+                   "small fluctuations, and IoUs are low for every method.")
+    rhos = {c: v["spearman_relevance_vs_head_iou"] for c, v in r["per_head"].items() if v["concepts"] >= 10}
+    if rhos:
+        weak = all(abs(x) < 0.3 for x in rhos.values() if x == x)
+        out.append("- Relevance " + ("barely predicts" if weak else "partly predicts") + " which heads localise: "
+                   + ", ".join(f"{c} {x:+.2f}" for c, x in rhos.items())
+                   + " (Spearman, tuning split). Relevance counts which category's words a head attends to most, "
+                   "averaged over all pixels; it does not measure where in the image the head looks.")
+    o = r["oracle_ranking"]["diff_vs_all_heads"]
+    if o["ci95"][0] > 0:
+        out.append(f"- Head selection as such can help here: ranking heads by measured localisation on the tuning "
+                   f"split gains {signed(o)} over all heads on the test split, so the gap is in how heads are "
+                   "ranked, not in selecting heads.")
+    else:
+        out.append(f"- Even ranking heads by their measured localisation on the tuning split does not beat all "
+                   f"heads on the test split ({signed(o)}): no single subset of heads localises reliably better "
+                   "than their average on this model.")
+    best_norm = max(r["normalisations"].items(), key=lambda kv: kv[1]["selective"]["mean"])
+    d = best_norm[1]["diff_selective_vs_raw_all_heads"]
+    out.append(f"- Normalisation: the best variant for selective maps is '{best_norm[0]}' ({ci(best_norm[1]['selective'])}, "
+               f"{signed(d)} against the engine's raw all-heads map).")
+    out.append("")
+    return out
+
+
+# --- misinterpretation ------------------------------------------------------------------------------------------
+
+
+def mis_section(r: dict) -> str:
+    L = ["## Misinterpretation", ""]
+    L += ["Does the category response of the polysemous word \"orange\" (the audit's `misinterpreted` evidence: "
+          "mean attention to the word inside each candidate category's top-k heads, candidates colour and food) "
+          "pick the category of the word's role? Colour role: \"an orange star\"; object role: \"an orange\" (the "
+          "fruit). Protocol in `bench/misinterpretation.py`: prompt pairs of two designs, one fixed-seed image "
+          "each; rates with Wilson 95% intervals; AUC of log(food / colour response) between fruit and colour "
+          "prompts with a bootstrap interval (0.5 = no separation).", "",
+          "```sh", r["command"], "```", "", f"Machine: {machine_line(r)}.", "",
+          f"k = {r['k']} heads per category (the audit's setting); relevance `{r['relevance']['path']}` "
+          f"(sha256 {r['relevance']['sha256'][:12]}).", ""]
+    L += ["| design | encoder state of \"orange\", colour vs fruit prompt (max abs diff) | colour role read as colour "
+          "| fruit role read as food | both | AUC food-vs-colour |", "|---|---|---|---|---|---|"]
+    for d, s in r["designs"].items():
+        g = r["encoder_state_max_abs_diff"][d]
+        L.append(f"| {d.replace('_', ' ')} | {g['min']:.3g}–{g['max']:.3g} | {rate_s(s['colour'])} | "
+                 f"{rate_s(s['fruit'])} | {rate_s(s['both'])} | {s['auc_food_vs_colour']['auc']:.2f} "
+                 f"[{s['auc_food_vs_colour']['ci95'][0]:.2f}, {s['auc_food_vs_colour']['ci95'][1]:.2f}] |")
+    L += ["", "Winner counts: " + "; ".join(
+        f"{d.replace('_', ' ')}: colour prompts {s['winner_counts']['colour']}, fruit prompts {s['winner_counts']['fruit']}"
+        for d, s in r["designs"].items()) + ".", ""]
+    L += ["Accuracy (both roles) against k: " + "; ".join(
+        f"{d.replace('_', ' ')}: " + ", ".join(f"k={k_} {v['rate']:.2f}" for k_, v in sw.items())
+        for d, sw in r["k_sweep"].items()) + ".", ""]
+    lf = r["leaf_detector_on_rendered"]
+    L += ["What the images show (the fruit's green leaf above an orange region; the detector finds it in "
+          f"{lf['fruit_detected']['rate']:.0%} of rendered fruit and {lf['shape_detected']['rate']:.0%} of rendered "
+          "orange shapes): " + "; ".join(
+              f"{d.replace('_', ' ')}: leaf in {rate_s(v['fruit'])} of fruit prompts and {rate_s(v['colour'])} of "
+              "colour prompts" for d, v in r["drawn_as_fruit"].items()) + ". Winner agreeing with what was drawn: "
+          + "; ".join(f"{d.replace('_', ' ')} {rate_s(s['vs_drawn'])}" for d, s in r["designs"].items()) + ".", ""]
+    fruit_leaf = [v["fruit"]["rate"] for v in r["drawn_as_fruit"].values()]
+    if max(fruit_leaf) < 0.5:
+        L += ["The model rarely draws the leaf even when asked for the fruit (it draws an orange blob either way), "
+              "so the images cannot tell which reading the model took; the prompt's role is the only truth here, "
+              "and the agreement with what was drawn above is not informative.", ""]
+    L += mis_findings(r)
+    L.append(mis_figure(r))
+    L.append("")
+    return "\n".join(L)
+
+
+def rate_s(d: dict) -> str:
+    return f"{d['rate']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] (n={d['n']})"
+
+
+def mis_findings(r: dict) -> list[str]:
+    out = ["**Findings.**", ""]
+    g = r["encoder_state_max_abs_diff"]["same_prefix"]["max"]
+    out.append(f"- Causal text encoder: with the same words before \"orange\", its encoder state is identical in both "
+               f"readings (largest difference {g:.1g}), so its keys and values are too; any difference in the response "
+               "comes from the image queries and from the softmax over the other tokens.")
+    for d, s in r["designs"].items():
+        wc = s["winner_counts"]
+        always = {role: max(wc[role], key=wc[role].get) for role in wc
+                  if max(wc[role].values()) == sum(wc[role].values())}
+        if len(always) == 2 and len(set(always.values())) == 1:
+            out.append(f"- {d.replace('_', ' ')}: the response picks '{next(iter(always.values()))}' for every "
+                       "prompt, whatever the role, so the argmax carries no information about the reading.")
+        auc_ = s["auc_food_vs_colour"]
+        sep = auc_["ci95"][0] > 0.5 or auc_["ci95"][1] < 0.5
+        out.append(f"- {d.replace('_', ' ')}: AUC {auc_['auc']:.2f} [{auc_['ci95'][0]:.2f}, {auc_['ci95'][1]:.2f}]: "
+                   + ("the response separates the readings better than chance (a threshold other than 0 could use it)."
+                      if sep else "the response does not separate the readings better than chance."))
+    out.append("- Calibration bias: the shapes lexicon's food category has a single word, \"orange\" itself, and "
+               "\"orange\" is also one of the colour words; the food heads are therefore the heads that attend "
+               "most to the token \"orange\", which favours the food reading of that very token.")
+    out.append("")
+    return out
+
+
+def mis_figure(r: dict) -> str:
+    plt, sns, path = figure("misinterpretation.png")
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    labels, ys, errs = [], [], []
+    for d, s in r["designs"].items():
+        for role in ("colour", "fruit"):
+            v = s[role]
+            labels.append(f"{d.replace('_prefix', '')}\n{role} role")
+            ys.append(v["rate"])
+            errs.append([v["rate"] - v["ci95"][0], v["ci95"][1] - v["rate"]])
+    ax.bar(range(len(ys)), ys, yerr=np.array(errs).T, capsize=3, color=sns.color_palette()[:2] * 2)
+    ax.set_xticks(range(len(ys)), labels, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.5, color="grey", ls=":")
+    ax.set_ylabel("winner matches role")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return f"![misinterpretation rates]({rel(path)})"
+
+
+# --- calibration ------------------------------------------------------------------------------------------------
+
+
+def cal_section(r: dict) -> str:
+    ref = r["reference"]
+    L = ["## Calibration budget", ""]
+    L += ["How many calibration prompts until the top-k heads of every category stop changing? An independent "
+          f"calibration (prompt seed {r['settings']['prompt_seed']}, {r['settings']['budget']} prompts, "
+          f"{r['settings']['steps']} steps, guidance {r['settings']['guidance']}) is snapshotted at growing budgets "
+          f"and compared with the shipped matrix (`{ref['path']}`, {ref['budget_prompts']} prompts from "
+          f"`{ref['prompt_source']}`): Jaccard similarity of the top-k head sets per category, the minimum and mean "
+          "over categories. Budget fraction = prompts x steps / (2,100 x 50), the original HRV calibration.", "",
+          "```sh", r["command"], "```", "", f"Machine: {machine_line(r)}. "
+          f"{r['seconds_per_prompt']:.2f} s per calibration prompt.", ""]
+    ks = list(r["curves"])
+    L += ["| prompts | budget fraction | " + " | ".join(f"k={k} min / mean vs shipped" for k in ks)
+          + " | k=" + ks[0] + " min vs n/2 |", "|---|---|" + "---|" * (len(ks) + 1)]
+    for i, row in enumerate(r["curves"][ks[0]]["curve"]):
+        cells = [f"{r['curves'][k]['curve'][i]['min_vs_shipped']:.2f} / {r['curves'][k]['curve'][i]['mean_vs_shipped']:.2f}"
+                 for k in ks]
+        half = row["min_vs_half"]
+        L.append(f"| {row['prompts']} | {row['budget_fraction']:.4f} | " + " | ".join(cells)
+                 + f" | {'—' if half is None else f'{half:.2f}'} |")
+    L += [""]
+    for k in ks:
+        c = r["curves"][k]
+        for kind in ("min", "mean"):
+            reach = c[f"reaches_0.9_{kind}"]
+            L.append(f"- k={k}, {kind} over categories: " + (
+                f"reaches 0.9 at {reach['prompts']} prompts (budget fraction {reach['budget_fraction']:.4f})"
+                if reach["prompts"] else f"does not reach 0.9 within {r['settings']['budget']} prompts "
+                f"(budget fraction {r['curves'][k]['curve'][-1]['budget_fraction']:.4f})"))
+    last = r["curves"][ks[0]]["curve"][-1]["per_category_vs_shipped"]
+    L += ["", f"Per category at {r['settings']['budget']} prompts (k={ks[0]}): "
+          + ", ".join(f"{c} {v:.2f}" for c, v in last.items()) + ".", "",
+          "The shipped matrix's own record (its stopping rule compares budget n with n/2, k="
+          f"{ref['k']}; converged: {ref['converged']}): "
+          + "; ".join(f"{a['prompts']} vs {a['compared_with']}: min {a['min_jaccard']:.2f}, mean {a['mean_jaccard']:.2f}"
+                      for a in ref["agreement_curve"]) + ".", ""]
+    plt, sns, path = figure("calibration_agreement.png")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for j, k in enumerate(ks):
+        cur = r["curves"][k]["curve"]
+        xs = [c["prompts"] for c in cur]
+        ax.plot(xs, [c["mean_vs_shipped"] for c in cur], "o-", color=f"C{j}", ms=3, label=f"k={k} mean")
+        ax.plot(xs, [c["min_vs_shipped"] for c in cur], "o--", color=f"C{j}", ms=3, label=f"k={k} min")
+    ax.axhline(0.9, color="grey", ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("calibration prompts")
+    ax.set_ylabel("top-k Jaccard vs shipped")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    L += [f"![agreement against budget]({rel(path)})", ""]
+    return "\n".join(L)
+
+
+# --- costs -----------------------------------------------------------------------------------------------------
+
+
+def costs_section(results: dict, elapsed: float | None) -> str:
+    L = ["## Costs summary", ""]
+    L += ["What auditing costs on this machine, gathered from the benchmark results (each measured as described in "
+          "its section).", "", "| cost | value | source |", "|---|---|---|"]
+    co = results.get("capture_overhead")
+    if co:
+        for run in co["runs"]:
+            side = "x".join(map(str, run["image"]))
+            L.append(f"| capture overhead, {side}: traced / plain CPU time (median of {run['pairs']} pairs) | "
+                     f"{run['cpu']['ratio_median']:.3f} (UNet step {run['unet_step']['ratio']:.3f}) | "
+                     f"`bench/capture_overhead.py` on {co['model']}, {co['date']} |")
+    au = results.get("audit_cost")
+    if au:
+        L.append(f"| `auditor audit {au['suite']}` ({au['prompts']} prompts x {len(au['seeds'])} seeds, "
+                 f"{'HTML + PDF' if au['pdf'] else 'HTML'}) | {au['audit_wall_seconds']:.1f} s wall, "
+                 f"{au['audit_seconds_per_generation']:.2f} s per generation | `bench/audit_cost.py` |")
+        L.append(f"| plain generation of the same images (no trace) | {au['plain_generation_seconds_median']:.2f} s "
+                 f"per image (median) | `bench/audit_cost.py` |")
+    mi = results.get("miou")
+    if mi:
+        L.append(f"| traced generation, batches of 8, 64x64, 20 steps | {mi['traced_seconds_per_image']:.2f} s per "
+                 f"image | `bench/miou.py` |")
+    ca = results.get("calibration")
+    if ca:
+        L.append(f"| head-relevance calibration | {ca['seconds_per_prompt']:.2f} s per prompt "
+                 f"({ca['seconds_per_prompt'] * ca['reference']['budget_prompts'] / 60:.1f} min for the shipped "
+                 f"{ca['reference']['budget_prompts']}) | `bench/calibration.py` |")
+    walls = {n: r.get("wall_seconds") for n, r in results.items() if r and r.get("wall_seconds")}
+    if walls:
+        L.append("| benchmark wall times | " + ", ".join(f"{n} {s / 60:.1f} min" for n, s in walls.items())
+                 + " | each result's `wall_seconds` |")
+    if elapsed:
+        L.append(f"| `make bench`, everything | {elapsed / 60:.1f} min | `make bench` |")
+    machines = {machine_line(r) for r in results.values() if r and isinstance(r.get("machine"), dict)}
+    L += ["", "```sh", "make bench      # every benchmark above, then bench/report.py", "```", ""]
+    if machines:
+        L += ["Machines: " + " | ".join(sorted(machines)) + ".", ""]
+    L += ["The machine's two cores were shared with other jobs during some of these runs (the load average at each "
+          "start is in the machine lines); wall times are upper bounds for an idle machine.", ""]
+    return "\n".join(L)
+
+
+# --- the document ------------------------------------------------------------------------------------------------
+
+
+def replace_section(doc: str, title: str, body: str) -> str:
+    """Replace the ``## title`` section (up to the next ``## `` heading) with ``body``, or append it."""
+    pat = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    body = body.rstrip("\n") + "\n\n"
+    if pat.search(doc):
+        return pat.sub(lambda _: body, doc, count=1)
+    return doc.rstrip("\n") + "\n\n" + body
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--started-at", type=float, default=None,
+                    help="epoch seconds when `make bench` started: records its total time in make_bench.json")
+    args = ap.parse_args()
+    names = ("miou", "misinterpretation", "calibration", "capture_overhead", "audit_cost")
+    results = {n: load(n) for n in names}
+    elapsed = None
+    if args.started_at:
+        elapsed = time.time() - args.started_at
+        (common.RESULTS / "make_bench.json").write_text(json.dumps(
+            {"elapsed_seconds": round(elapsed, 1), "machine": common.machine(), "finished": time.strftime("%Y-%m-%d %H:%M")},
+            indent=1))
+    elif (common.RESULTS / "make_bench.json").is_file():
+        elapsed = json.loads((common.RESULTS / "make_bench.json").read_text())["elapsed_seconds"]
+    doc = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+    sections = []
+    if results["miou"]:
+        sections.append(("Selective maps vs all heads (mIoU)", miou_section(results["miou"])))
+    if results["misinterpretation"]:
+        sections.append(("Misinterpretation", mis_section(results["misinterpretation"])))
+    if results["calibration"]:
+        sections.append(("Calibration budget", cal_section(results["calibration"])))
+    sections.append(("Costs summary", costs_section(results, elapsed)))
+    for title, body in sections:
+        doc = replace_section(doc, title, body)
+    DOC.write_text(doc)
+    print(f"wrote {DOC} ({', '.join(t for t, _ in sections)}) and figures in {FIG}")
+
+
+if __name__ == "__main__":
+    main()
