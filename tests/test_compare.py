@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -134,6 +135,8 @@ def test_compare_report_shows_the_regressed_maps_side_by_side(tmp_path, runs):
     # red in 3 seeds x (image + selective map) x 2 runs, plus the head figure; all copies inside the compare folder
     assert len(srcs) == 13 and all((tmp_path / "cmp" / s).is_file() and s.startswith(("runs/", "figures/")) for s in srcs)
     assert "red (attribute of cube)" in html and "McNemar" in html and "&lt;script&gt;" not in html  # no hostile prompt regressed
+    ids, hrefs = set(re.findall(r'id="([^"]+)"', html)), re.findall(r'href="#([^"]+)"', html)
+    assert "ev-1" in hrefs and set(hrefs) <= ids  # the regressions table links to each regressed concept's evidence
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from auditor.errors import AuditorError
 from auditor.report.figures import read_relevance, relevance_shift
-from auditor.report.render import environment, stylesheet, write_pdf, write_text
+from auditor.report.render import environment, page_args, write_pdf, write_text
 from auditor.store import RELEVANCE_NAME, RunStore, atomic_write, write_checksums
 from auditor.summary import concept_labels
 
@@ -29,9 +29,12 @@ def write_compare(comparison: dict, out_dir: str | Path, pdf: bool = True) -> li
         a = read_relevance(Path(comparison["run_a"]["dir"]) / RELEVANCE_NAME)
         b = read_relevance(Path(comparison["run_b"]["dir"]) / RELEVANCE_NAME)
         figure = relevance_shift(a, b, heads["overlap"], heads["k"], out / "figures" / "heads.png").relative_to(out).as_posix()
+    shown = evidence(comparison, out)
     ctx = {
         "c": comparison,
-        "evidence": evidence(comparison, out),
+        "evidence": shown,
+        # regressed concept -> its evidence block, for the links in the tables (improvements have none)
+        "anchors": {f"{e['prompt_id']}/{e['concept']}": e["anchor"] for e in shown},
         "figure": figure,
         "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "max_evidence": MAX_EVIDENCE,
@@ -39,9 +42,9 @@ def write_compare(comparison: dict, out_dir: str | Path, pdf: bool = True) -> li
     template = environment().get_template("compare.html.j2")
     json_path = out / "compare.json"
     atomic_write(json_path, (json.dumps(comparison, indent=2, ensure_ascii=False) + "\n").encode())
-    written = [json_path, write_text(out / "compare.html", template.render(**ctx, css=stylesheet(), pdf=False))]
+    written = [json_path, write_text(out / "compare.html", template.render(**ctx, **page_args(out, False)))]
     if pdf:
-        written.append(write_pdf(template.render(**ctx, css=stylesheet(), pdf=True), out, out / "compare.pdf"))
+        written.append(write_pdf(template.render(**ctx, **page_args(out, True)), out, out / "compare.pdf"))
     written.append(write_checksums(out))
     return written
 
@@ -68,7 +71,8 @@ def evidence(comparison: dict, out: Path) -> list[dict]:
                              "map": _copy(run_dir, (concept.get("maps") or {}).get("selective"), out, side),
                              "flags": concept.get("flags") or []}
             seeds.append(row)
-        shown.append({**r, "prompt": sides["a"][1][(r["prompt_id"], r["seeds"][0])].get("prompt", ""), "rows": seeds})
+        shown.append({**r, "prompt": sides["a"][1][(r["prompt_id"], r["seeds"][0])].get("prompt", ""), "rows": seeds,
+                      "anchor": f"ev-{len(shown) + 1}"})
     return shown
 
 
