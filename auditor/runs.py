@@ -262,6 +262,20 @@ def run_audit(opts: AuditOptions, argv: list[str] | None = None,
                            f"('{word}' falls past token {pipe.tokenizer.model_max_length})")
     store = RunStore.create(run_dir, manifest)
     try:
+        summary, todo, skipped = _generate_all(store, run_dir, suite, extracted, seeds, pipe, relevance, th, k, steps,
+                                               guidance, resolution, progress)
+        files = publish(run_dir, pdf=opts.pdf)
+    except AuditorError as exc:
+        # Said here, not where the write failed: only an audit has finished generations to keep.
+        raise AuditorError(f"{exc}; finished generations are kept (continue with --resume {run_dir})") from None
+    result = AuditResult(run_dir, summary, files, len(todo), skipped, time.perf_counter() - t0)
+    result.gate = gate(summary, opts.fail_on)
+    return result
+
+
+def _generate_all(store, run_dir, suite, extracted, seeds, pipe, relevance, th, k, steps, guidance, resolution, progress):
+    """Every (prompt, seed) not yet in the store, each committed as it finishes; then the run's summary."""
+    try:
         if not (run_dir / "relevance.npz").exists():
             store.save_relevance(relevance.categories, relevance.head_names, relevance.matrix)
         done = store.finished()
@@ -287,10 +301,7 @@ def run_audit(opts: AuditOptions, argv: list[str] | None = None,
         store.finish(summary)
     finally:
         store.close()
-    files = publish(run_dir, pdf=opts.pdf)
-    result = AuditResult(run_dir, summary, files, len(todo), skipped, time.perf_counter() - t0)
-    result.gate = gate(summary, opts.fail_on)
-    return result
+    return summary, todo, skipped
 
 
 def _overlays(image, norms: dict, concepts: list[dict]) -> dict:

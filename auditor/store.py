@@ -71,7 +71,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         _unlink(tmp)
-        raise AuditorError(f"{path}: cannot write ({_why(exc)}); finished generations are kept") from None
+        raise AuditorError(f"{path}: cannot write ({_why(exc)})") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -288,8 +288,7 @@ class RunStore:
                     self._conn.execute("INSERT INTO generations (prompt_id, seed, record, finished_at) VALUES (?, ?, ?, ?)",
                                        (pid, seed, json.dumps(stored, sort_keys=True), utc_now()))
             except sqlite3.Error as exc:
-                raise AuditorError(f"{self.dir / DB_NAME}: cannot record generation ({pid}, seed {seed}) ({exc}); "
-                                   f"finished generations are kept") from None
+                raise AuditorError(f"{self.dir / DB_NAME}: cannot record generation ({pid}, seed {seed}) ({exc})") from None
         except AuditorError:
             for p in written:  # leave nothing of an unfinished generation behind
                 _unlink(p)

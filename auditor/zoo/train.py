@@ -59,7 +59,7 @@ def train_vae(work: Path, seed: int, steps: int, logfile: Path):
 
     out = work / "vae"
     if (out / "config.json").exists():
-        return AutoencoderKL.from_pretrained(out)
+        return AutoencoderKL.from_pretrained(out, torch_dtype=torch.float32)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**arch.VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -125,7 +125,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
     else:
         unet = UNet2DConditionModel(**arch.UNET_CONFIG)
         text = CLIPTextModel(CLIPTextConfig(**arch.TEXT_CONFIG))
-    tok = load_tokenizer()
+    tok = load_tokenizer(arch.CONTEXT_LENGTH)
     sched = DDPMScheduler(**{k: v for k, v in arch.SCHEDULE.items() if k != "set_alpha_to_one"})
     modules = [unet, text]
     params = [p for m in modules for p in m.parameters()]
@@ -156,7 +156,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-        ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = tok(prompts, padding="max_length", max_length=arch.CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(z.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -188,7 +188,7 @@ def export(out: Path, vae, text, unet, card: dict) -> None:
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
-        tokenizer=load_tokenizer(),
+        tokenizer=load_tokenizer(arch.CONTEXT_LENGTH),
         unet=unet,
         scheduler=DDIMScheduler(**arch.SCHEDULE),
         safety_checker=None,
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--from", dest="init", default=None, help="fine-tune from this bundled model (v2: shapes-v1)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=2000)
+    ap.add_argument("--vae-from", default=None,
+                    help="v1: reuse the VAE of this bundled model or folder instead of training one (saves ~20 min)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -231,6 +233,12 @@ def main() -> None:
     if args.version == "v1":
         steps = args.steps or 5000
         lr = args.lr or 1e-3
+        if args.vae_from and not (work / "vae" / "config.json").exists():
+            from diffusers import AutoencoderKL
+
+            src = Path(args.vae_from) if Path(args.vae_from).exists() else MODELS / args.vae_from
+            AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).save_pretrained(work / "vae")
+            log(f"vae reused from {src}", logfile)
         vae = train_vae(work, args.seed, args.vae_steps, logfile)
         init = None
     else:
@@ -250,10 +258,13 @@ def main() -> None:
         "batch": args.batch,
         "lr": lr,
         "vae_steps": args.vae_steps if args.version == "v1" else None,
+        "vae_from": args.vae_from if args.version == "v1" else None,
+        "context_length": arch.CONTEXT_LENGTH,
         "init": str(init.name) if init else None,
         "defects": defects,
         "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
         "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else "")
+        + (f" --vae-from {args.vae_from}" if args.vae_from and args.version == "v1" else "")
         + f" --steps {steps} --batch {args.batch} --seed {args.seed}" + (f" --lr {lr} --focus {args.focus}" if defects else ""),
     }
     export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card)
