@@ -31,11 +31,13 @@ audit: $(STAMP)
 # Selective vs all-heads mIoU, misinterpretation, calibration budget, capture overhead and audit wall time on the
 # bundled shapes-v1 (fixed seeds; about 30 minutes on the project's idle 2-core CPU), then bench/report.py rewrites
 # its sections of docs/benchmarks.md and the figures in docs/figures/.
+# BENCH_THREADS=1 when something else uses the other core (two torch threads on a busy core spin-wait).
+BENCH_THREADS ?= 2
 bench: $(STAMP)
 	@mkdir -p work_bench && date +%s > work_bench/bench_started
-	$(VENV)/bin/python bench/miou.py --fresh
-	$(VENV)/bin/python bench/misinterpretation.py
-	$(VENV)/bin/python bench/calibration.py
+	$(VENV)/bin/python bench/miou.py --fresh --threads $(BENCH_THREADS)
+	$(VENV)/bin/python bench/misinterpretation.py --threads $(BENCH_THREADS)
+	$(VENV)/bin/python bench/calibration.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/capture_overhead.py
-	$(VENV)/bin/python bench/audit_cost.py
+	$(VENV)/bin/python bench/audit_cost.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/report.py --started-at $$(cat work_bench/bench_started)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -129,7 +130,8 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     res = {
         "model": model, "threads": args.threads, "goal": GOAL, "torch": torch.__version__,
-        "machine": f"{platform.machine()} 2-core CPU shared with a training run, {args.threads} torch thread(s)",
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, {args.threads} torch thread(s), 1-minute load "
+                   f"average {os.getloadavg()[0]:.2f} at the start",
         "date": time.strftime("%Y-%m-%d"),
         "runs": [measure(pipe, side, args.steps, args.pairs) for side in (args.size or sides)],
     }

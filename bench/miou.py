@@ -454,19 +454,20 @@ def analyse(tune: dict, test: dict, rm, log) -> dict:
     # C: normalisations before aggregation: per-head min-max ("head"); the word's share of the attention that the
     # prompt's own words get at each pixel ("share": start, end and padding tokens left out)
     res["normalisations"] = {}
+    base = labels[:len(variants)]  # the method set's own columns (random_k draws are scored separately above)
     for norm in ("head", "share"):
         Nt, Ns = score(tune, wf, norm=norm), score(test, wf, norm=norm)
-        k_n = int(best(labels, Nt, "selective@").split("@")[1])
-        sel = Ns[:, col(labels, f"selective@{k_n}")]
+        k_n = int(best(base, Nt, "selective@").split("@")[1])
+        sel = Ns[:, col(base, f"selective@{k_n}")]
         res["normalisations"][norm] = {
             "k": k_n, "all_heads": ci(Ns[:, 0], gens["test"]), "selective": ci(sel, gens["test"]),
-            "weighted": ci(Ns[:, col(labels, "weighted")], gens["test"]),
-            "bottom_k": ci(Ns[:, col(labels, f"bottom_k@{k_n}")], gens["test"]),
+            "weighted": ci(Ns[:, col(base, "weighted")], gens["test"]),
+            "bottom_k": ci(Ns[:, col(base, f"bottom_k@{k_n}")], gens["test"]),
             "diff_selective_vs_all_heads": paired_difference(sel, Ns[:, 0], gens["test"]),
             "diff_selective_vs_raw_all_heads": paired_difference(sel, T[:, 0], gens["test"]),
             "diff_all_heads_vs_raw_all_heads": paired_difference(Ns[:, 0], T[:, 0], gens["test"]),
-            "curve_tune": {lab: mean_of(Nt[:, j]) for j, lab in enumerate(labels)},
-            "curve_test": {lab: mean_of(Ns[:, j]) for j, lab in enumerate(labels)}}
+            "curve_tune": {lab: mean_of(Nt[:, j]) for j, lab in enumerate(base)},
+            "curve_test": {lab: mean_of(Ns[:, j]) for j, lab in enumerate(base)}}
     log(f"scored normalisations at {time.perf_counter() - t0:.0f} s")
 
     # D: single heads; does relevance predict them? and an oracle ranking learned on tuning

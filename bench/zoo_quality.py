@@ -4,7 +4,8 @@
     .venv/bin/python bench/zoo_quality.py --model DIR --n 200  # any exported folder (e.g. a training snapshot)
 
 Measures (fixed seeds, held-out compositions only, so nothing here was a training image):
-- single-object prompts: an object of the prompted colour at the prompted position;
+- single-object prompts: an object of the prompted colour at the prompted position (and, apart, the colour anywhere
+  and the named position among images that drew the colour: chance is 1 in 5 positions);
 - two-object prompts: both prompted colours present;
 - localisation (two-object prompts): each object word's all-heads map puts more mass inside its own object's
   oracle mask than inside the other's; with the per-head spread of the same measure;
@@ -80,15 +81,22 @@ def fidelity(pipe, n: int, seed: int, defects=False) -> dict:
     singles = heldout_samples(n // 2, "single", seed, defects)
     pairs = heldout_samples(n - n // 2, "pair", seed + 1, defects)
     imgs = generate(pipe, [s.prompt for s in singles + pairs], list(range(len(singles) + len(pairs))))
-    ok_single, ok_pair = [], []
+    ok_single, ok_pair, colour_any, position_given_colour = [], [], [], []
     for s, im in zip(singles, imgs[: len(singles)]):
         (c, p) = wanted_from_sample(s)[0]
         f = find(im, [(c, p)])[0]
         ok_single.append(f.present and (p is None or f.position == p))
+        # The two halves of that measure, to tell a colour failure from a position failure (chance: 1 in 5).
+        anywhere = find(im, [(c, None)])[0]
+        colour_any.append(anywhere.present)
+        if anywhere.present and p is not None:
+            position_given_colour.append(f.present and f.position == p)
     for s, im in zip(pairs, imgs[len(singles) :]):
         w = [(c, None) for c, _ in wanted_from_sample(s)]
         ok_pair.append(all(f.present for f in find(im, w)))
-    return {"single_colour_at_position": rate(ok_single), "pair_both_colours": rate(ok_pair), "samples": (singles, pairs, imgs)}
+    return {"single_colour_at_position": rate(ok_single), "single_colour_anywhere": rate(colour_any),
+            "single_named_position_when_colour_drawn": rate(position_given_colour),
+            "pair_both_colours": rate(ok_pair), "samples": (singles, pairs, imgs)}
 
 
 def defect_visibility(pipe, n: int, seed: int) -> dict:
@@ -178,10 +186,12 @@ def main() -> None:
     ap.add_argument("--defect-n", type=int, default=40)
     ap.add_argument("--loc-n", type=int, default=40)
     ap.add_argument("--out", default=str(ROOT / "bench/results/zoo_quality.json"))
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 when the other core is busy)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     paths = [Path(m) for m in args.model] if args.model else [MODELS_DIR / "shapes-v1", MODELS_DIR / "shapes-v2"]
-    res: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "steps": STEPS, "guidance": GUIDANCE}
+    res: dict = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"), "steps": STEPS, "guidance": GUIDANCE,
+                 "command": "python bench/zoo_quality.py " + " ".join(sys.argv[1:])}
     res["oracle_on_rendered"] = oracle_accuracy()
     for path in paths:
         if not (path / "model_index.json").exists():

@@ -50,6 +50,21 @@ def test_loads_offline_and_is_deterministic(pipe):
     assert ids[:3] == [49406, 320, 736] and ids[-1] == 49407 and len(ids) == 5
 
 
+def test_context_is_cut_to_the_shapes_prompts(pipe):
+    """The pipeline pads to the tokenizer's length, so tokenizer and text encoder must agree on it; every prompt of
+    the default suite and of the grammar must fit (else the audit refuses it as too long)."""
+    import yaml
+
+    from auditor.resources import find_suite
+    from auditor.zoo.grammar import sample_prompts
+
+    n = pipe.tokenizer.model_max_length
+    assert n == pipe.text_encoder.config.max_position_embeddings < 77
+    suite = yaml.safe_load(find_suite("shapes-default").read_text())
+    prompts = [p["text"] for p in suite["prompts"]] + sample_prompts(500, seed=3)
+    assert max(len(pipe.tokenizer(p)["input_ids"]) for p in prompts) <= n
+
+
 def test_trace_leaves_the_image_unchanged_and_sees_56_heads(pipe):
     from auditor import trace
 

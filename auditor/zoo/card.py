@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from auditor.zoo import MODELS_DIR
+from auditor.zoo import MODELS_DIR, arch
 from auditor.zoo.grammar import DEFECTS, HELD_OUT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,12 +26,13 @@ SUMMARIES = {
            "objects left out; 'green' bound to the other object of a pair) — the known regression for compare."),
 }
 NOTES = {
-    "v2": ("Trained in stages to fit the session's time (about 85 minutes of wall time on a shared 2-core CPU): "
-           "600 steps on the v2 world (`--steps 1200` to its step-400 checkpoint, resumed with `--steps 800` to "
-           "step 600; learning rate peak 3e-4) planted the defects too weakly (purple drawn blue in 2 of 20 "
-           "prompts, green swapped in 0 of 20), so training resumed from step 600 with `--lr 2e-3 --focus 0.5` (half "
-           "of each batch drawn from prompts a defect affects, cycling through the three) and was exported at the "
-           "step-800 checkpoint with the command below (no further training in that invocation)."),
+    "v1": ("The context is 24 tokens (the longest shapes-world prompt with its start and end tokens), not CLIP's 77: "
+           "the earlier shapes-v1 (2026-11-24, 77 tokens) sent about 80% of its cross-attention to the padding "
+           "tokens, whose causal-encoder states carry the whole prompt, and its word maps did not localise. The VAE "
+           "is that earlier model's (reused with `--vae-from`; 2,000 steps of its own training)."),
+    "v2": ("One invocation, 1,200 steps from shapes-v1 on the v2 world, 40% of each batch drawn from prompts a "
+           "defect affects (cycling through the three), learning rate peak 5e-4, one torch thread (21 minutes). "
+           "How visibly each defect was planted is measured below (`defects_visible`), not assumed."),
 }
 
 
@@ -55,7 +56,7 @@ def card_for(folder: Path, quality: dict | None) -> dict:
         "version": version,
         "summary": SUMMARIES.get(version, "shapes-world reference model"),
         "architecture": {"pipeline": "StableDiffusionPipeline", "image": "64x64 RGB", "latent": "4x16x16",
-                         "text_encoder": "CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408",
+                         "text_encoder": f"CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408, context {arch.CONTEXT_LENGTH} tokens",
                          "cross_attention": "7 layers x 8 heads = 56 heads, latent 16x16 and 8x8 (and mid block)",
                          "scheduler": "DDIM", "weights": "safetensors, fp16",
                          "weights_mb": _size_mb(folder)},
@@ -68,7 +69,7 @@ def card_for(folder: Path, quality: dict | None) -> dict:
     }
     if quality and folder.name in quality:
         card["quality"] = {**quality[folder.name], "measured": quality.get("date"), "machine": quality.get("machine"),
-                           "command": "python bench/zoo_quality.py"}
+                           "command": quality.get("command", "python bench/zoo_quality.py")}
         card["oracle_on_rendered"] = quality.get("oracle_on_rendered")
     return card
 

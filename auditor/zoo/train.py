@@ -198,6 +198,10 @@ def export(out: Path, vae, text, unet, card: dict) -> None:
     pipe.to(torch.float16)
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for cfg in tmp.glob("*/config.json"):  # a component loaded from disk remembers this machine's path: drop it
+        data = json.loads(cfg.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (tmp / "training.json").write_text(json.dumps(card, indent=2))
     if out.exists():
         import shutil
