@@ -37,7 +37,8 @@ and the defect visible; FP = flagged, not visible; FN = visible, not flagged.
 precision = TP / (TP + FP), recall = TP / (TP + FN), each with a Wilson 95% interval. ``eval`` also reports the
 same quantile rule at other q (``tradeoff``: what any calibration could reach, chosen on nothing here) and how well
 the maps tell two objects apart at all (``localisation``: a word's map denser inside its own object's oracle mask
-than the other's; 0.5 = chance).
+than the other's; 0.5 = chance), and what the ``missing`` scores of a neglected star look like next to those of a
+drawn one (``neglect_signature``).
 """
 
 from __future__ import annotations
@@ -491,6 +492,7 @@ def evaluate(args) -> None:
     res["v2_prompts"] = {d: sum(1 for g in g2 if g["defects"] == [d]) for d in DEFECT_MAP}
     res["v2_prompts"]["controls"] = sum(1 for g in g2 if not g["defects"])
     res["v2_localisation"] = localisation(g2)
+    res["v2_neglect_signature"] = neglect_signature(g2)
     # The trade-off the maps allow: the same per-score quantile rule at other q (tuning rows as in `tune`); shows
     # whether any calibration could meet the goals, without choosing anything on these prompts.
     rows = score_table(_cached("tune"))
@@ -505,6 +507,40 @@ def evaluate(args) -> None:
     res["v2_control_false_flags"] = false_flag_rate([g for g in g2 if not g["defects"]], th)
     _merge_results({"evaluation": res})
     print(json.dumps(res, indent=1))
+
+
+NEGLECT_SCORES = ("peak_ratio", "concentration", "shared_region", "area")
+
+
+def neglect_signature(gens: list[dict]) -> dict:
+    """What a neglected object's map looks like: every `missing` score of the star nouns of two-object prompts,
+    split by whether the oracle finds the star drawn (``defect_visible``), with medians and the one-sided AUC
+    "neglected scores higher" (Mann-Whitney U / n1 n2; 0.5 = no separation, below 0.5 = neglected scores lower).
+    Chooses nothing: it says which way, and how well, each score separates the two."""
+    from scipy.stats import mannwhitneyu
+
+    drawn: dict[str, list[float]] = {k: [] for k in NEGLECT_SCORES}
+    neglected: dict[str, list[float]] = {k: [] for k in NEGLECT_SCORES}
+    for g in gens:
+        s = g["sample"]
+        if len(s.mentions) < 2:
+            continue
+        seen = dict(defect_visible(g["image"], s, "star_neglected"))
+        for i, c in enumerate(g["concepts"]):
+            link = g["links"][i]
+            if c["role"] != "object" or link is None or link[1] != "noun" or link[0] not in seen:
+                continue
+            for k in NEGLECT_SCORES:
+                if c["scores"].get(k) is not None:
+                    (neglected if seen[link[0]] else drawn)[k].append(float(c["scores"][k]))
+    out = {"drawn": len(drawn["area"]), "neglected": len(neglected["area"])}
+    for k in NEGLECT_SCORES:
+        a, b = drawn[k], neglected[k]
+        if a and b:
+            auc = mannwhitneyu(b, a).statistic / (len(a) * len(b))
+            out[k] = {"median_drawn": round(float(np.median(a)), 4), "median_neglected": round(float(np.median(b)), 4),
+                      "auc_neglected_higher": round(float(auc), 4)}
+    return out
 
 
 def _merge_results(part: dict) -> None:
