@@ -83,6 +83,16 @@ class Concepts:
     def attributes(self) -> list[Concept]:
         return self.role("attribute")
 
+    def refuse_if_truncated(self, where: str, tokenizer) -> None:
+        """The one check for a prompt too long for the text encoder: a concept past its context would be scored on
+        attention the model never computed, so it is refused with a one-line error naming ``where`` and the word."""
+        word = next((c.text for c in self.items if c.truncated), None)
+        if word is not None:
+            from auditor.errors import AuditorError
+
+            raise AuditorError(f"{where} is too long for the model's text encoder ('{word}' falls past token "
+                               f"{getattr(tokenizer, 'model_max_length', '?')})")
+
     def bound_to(self, obj: Concept) -> list[Concept]:
         """Attributes, counts and positions describing ``obj``."""
         return [c for c in self.items if c.binds_to == obj.id]

@@ -255,11 +255,8 @@ def run_audit(opts: AuditOptions, argv: list[str] | None = None,
     manifest.setdefault("run_id", new_run_id(manifest))
     run_dir = Path(opts.resume or opts.out or Path("reports") / manifest["run_id"])
     extracted = extract_many(suite.prompts, tokenizer=pipe.tokenizer)
-    too_long = [(p.id, c.text) for p, cs in zip(suite.prompts, extracted) for c in cs.items if c.truncated]
-    if too_long:  # refused before anything is written
-        pid, word = too_long[0]
-        raise AuditorError(f"{suite_path}: prompt {pid!r} is too long for the model's text encoder "
-                           f"('{word}' falls past token {pipe.tokenizer.model_max_length})")
+    for p, cs in zip(suite.prompts, extracted):  # refused before anything is written
+        cs.refuse_if_truncated(f"{suite_path}: prompt {p.id!r}", pipe.tokenizer)
     store = RunStore.create(run_dir, manifest)
     try:
         summary, todo, skipped = _generate_all(store, run_dir, suite, extracted, seeds, pipe, relevance, th, k, steps,

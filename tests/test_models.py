@@ -151,3 +151,12 @@ def test_cli_errors_are_one_line(cli, tmp_path):
     assert code == 2 and "offline" in err and err.count("\n") == 1
     code, out, err = cli("maps", "a red cat", "--method", "best")
     assert code == 2 and "--method best" in err
+
+
+def test_maps_refuses_a_prompt_past_the_context(cli, tmp_path):
+    """The bundled model reads 24 tokens: a concept past them has no attention to map, so no map is written."""
+    long = ("a big red circle and a small blue star and a green striped heart and a yellow diamond on the left of "
+            "a white square")
+    code, out, err = cli("maps", long, "--steps", "1", "--out", str(tmp_path / "m"))
+    assert code == 2 and err.count("\n") == 1 and "too long" in err and "'white' falls past token 24" in err
+    assert not (tmp_path / "m").exists()

@@ -232,7 +232,11 @@ def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relev
         from auditor.concepts import extract
     except ImportError:
         extract = None
-    found = list(extract(prompt, pipe.tokenizer).items) if extract is not None else []
+    extracted = extract(prompt, pipe.tokenizer) if extract is not None else None
+    if extracted is not None:
+        shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+        extracted.refuse_if_truncated(f"prompt {shown!r}", pipe.tokenizer)
+    found = list(extracted.items) if extracted is not None else []
     cats = relevance.categories if relevance is not None else None
     out: list[ConceptMaps] = []
     if words:
