@@ -114,7 +114,8 @@ class EMA:
                     sh[k].copy_(v)
 
 
-def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False, focus=0.0):
+def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False, focus=0.0,
+                   offset_noise=0.0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -158,6 +159,8 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
             z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
         ids = tok(prompts, padding="max_length", max_length=arch.CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(z.shape, generator=g)
+        if offset_noise:  # a per-image, per-channel constant: lets the model move the whole image's low frequencies
+            noise = noise + offset_noise * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
@@ -226,6 +229,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--focus", type=float, default=0.0, help="v2: share of each batch drawn from defect-affected prompts")
+    ap.add_argument("--offset-noise", type=float, default=0.0,
+                    help="add this much per-channel constant noise in training (0: off; tried 0.1 in a 600-step "
+                         "fine-tune probe on 2026-12-01, which did not teach v1 position words)")
     ap.add_argument("--export-to", default=None, help="export to this folder instead (e.g. a snapshot mid-run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -254,7 +260,7 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32)
     vae.requires_grad_(False)
     unet, text = train_denoiser(work, args.seed + (1 if defects else 0), steps, args.batch, lr, logfile, vae, init, defects,
-                                args.focus if defects else 0.0)
+                                args.focus if defects else 0.0, args.offset_noise)
     card = {
         "version": args.version,
         "seed": args.seed,
@@ -264,11 +270,13 @@ def main() -> None:
         "vae_steps": args.vae_steps if args.version == "v1" else None,
         "vae_from": args.vae_from if args.version == "v1" else None,
         "context_length": arch.CONTEXT_LENGTH,
+        "offset_noise": args.offset_noise,
         "init": str(init.name) if init else None,
         "defects": defects,
         "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
         "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else "")
         + (f" --vae-from {args.vae_from}" if args.vae_from and args.version == "v1" else "")
+        + (f" --offset-noise {args.offset_noise}" if args.offset_noise else "")
         + f" --steps {steps} --batch {args.batch} --seed {args.seed}" + (f" --lr {lr} --focus {args.focus}" if defects else ""),
     }
     export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card)
