@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -258,47 +259,45 @@ def run_audit(opts: AuditOptions, argv: list[str] | None = None,
     for p, cs in zip(suite.prompts, extracted):  # refused before anything is written
         cs.refuse_if_truncated(f"{suite_path}: prompt {p.id!r}", pipe.tokenizer)
     store = RunStore.create(run_dir, manifest)
-    try:
-        summary, todo, skipped = _generate_all(store, run_dir, suite, extracted, seeds, pipe, relevance, th, k, steps,
-                                               guidance, resolution, progress)
+    with _finished_generations_kept(run_dir):
+        with store:
+            if not (run_dir / "relevance.npz").exists():
+                store.save_relevance(relevance.categories, relevance.head_names, relevance.matrix)
+            done = store.finished()
+            todo = [(p, cs, s) for p, cs in zip(suite.prompts, extracted) for s in seeds if (p.id, s) not in done]
+            skipped = len(suite.prompts) * len(seeds) - len(todo)
+            bar = progress(len(suite.prompts) * len(seeds), skipped) if progress else None
+            try:
+                for p, cs, seed in todo:
+                    image, tr = generate_one(pipe, p.text, seed, steps, guidance, resolution, relevance)
+                    concepts, raw_maps, norms = generation_record(tr, cs, relevance, th, k)
+                    del tr
+                    overlays = _overlays(image, norms, concepts)
+                    store.add_generation({"prompt_id": p.id, "prompt": p.text, "seed": int(seed), "tags": list(p.tags),
+                                          "concepts": concepts}, image, raw_maps, overlays)
+                    if bar is not None:
+                        bar.update(1)
+            finally:  # end the bar's line so an error message gets a line of its own
+                if bar is not None and hasattr(bar, "close"):
+                    bar.close()
+            from auditor.summary import summarise
+
+            summary = summarise(store.generations(), suite.acceptance, th.max_flag_rate)
+            store.finish(summary)
         files = publish(run_dir, pdf=opts.pdf)
-    except AuditorError as exc:
-        # Said here, not where the write failed: only an audit has finished generations to keep.
-        raise AuditorError(f"{exc}; finished generations are kept (continue with --resume {run_dir})") from None
     result = AuditResult(run_dir, summary, files, len(todo), skipped, time.perf_counter() - t0)
     result.gate = gate(summary, opts.fail_on)
     return result
 
 
-def _generate_all(store, run_dir, suite, extracted, seeds, pipe, relevance, th, k, steps, guidance, resolution, progress):
-    """Every (prompt, seed) not yet in the store, each committed as it finishes; then the run's summary."""
+@contextmanager
+def _finished_generations_kept(run_dir: Path):
+    """Said here, not where a write failed (the store and the reports serve `auditor report` too): only an audit
+    has finished generations to keep."""
     try:
-        if not (run_dir / "relevance.npz").exists():
-            store.save_relevance(relevance.categories, relevance.head_names, relevance.matrix)
-        done = store.finished()
-        todo = [(p, cs, s) for p, cs in zip(suite.prompts, extracted) for s in seeds if (p.id, s) not in done]
-        skipped = len(suite.prompts) * len(seeds) - len(todo)
-        bar = progress(len(suite.prompts) * len(seeds), skipped) if progress else None
-        try:
-            for p, cs, seed in todo:
-                image, tr = generate_one(pipe, p.text, seed, steps, guidance, resolution, relevance)
-                concepts, raw_maps, norms = generation_record(tr, cs, relevance, th, k)
-                del tr
-                overlays = _overlays(image, norms, concepts)
-                store.add_generation({"prompt_id": p.id, "prompt": p.text, "seed": int(seed), "tags": list(p.tags),
-                                      "concepts": concepts}, image, raw_maps, overlays)
-                if bar is not None:
-                    bar.update(1)
-        finally:  # end the bar's line so an error message gets a line of its own
-            if bar is not None and hasattr(bar, "close"):
-                bar.close()
-        from auditor.summary import summarise
-
-        summary = summarise(store.generations(), suite.acceptance, th.max_flag_rate)
-        store.finish(summary)
-    finally:
-        store.close()
-    return summary, todo, skipped
+        yield
+    except AuditorError as exc:
+        raise AuditorError(f"{exc}; finished generations are kept (continue with --resume {run_dir})") from None
 
 
 def _overlays(image, norms: dict, concepts: list[dict]) -> dict:

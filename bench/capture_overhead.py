@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "capture_overhead.json"
@@ -130,8 +131,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     res = {
         "model": model, "threads": args.threads, "goal": GOAL, "torch": torch.__version__,
-        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU, {args.threads} torch thread(s), 1-minute load "
-                   f"average {os.getloadavg()[0]:.2f} at the start",
+        "machine": common.machine(),
         "date": time.strftime("%Y-%m-%d"),
         "runs": [measure(pipe, side, args.steps, args.pairs) for side in (args.size or sides)],
     }

@@ -232,11 +232,12 @@ def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relev
         from auditor.concepts import extract
     except ImportError:
         extract = None
-    extracted = extract(prompt, pipe.tokenizer) if extract is not None else None
-    if extracted is not None:
+    found = []
+    if extract is not None:
+        extracted = extract(prompt, pipe.tokenizer)
         shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
         extracted.refuse_if_truncated(f"prompt {shown!r}", pipe.tokenizer)
-    found = list(extracted.items) if extracted is not None else []
+        found = list(extracted.items)
     cats = relevance.categories if relevance is not None else None
     out: list[ConceptMaps] = []
     if words:

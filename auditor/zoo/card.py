@@ -56,7 +56,8 @@ def card_for(folder: Path, quality: dict | None) -> dict:
         "version": version,
         "summary": SUMMARIES.get(version, "shapes-world reference model"),
         "architecture": {"pipeline": "StableDiffusionPipeline", "image": "64x64 RGB", "latent": "4x16x16",
-                         "text_encoder": f"CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408, context {arch.CONTEXT_LENGTH} tokens",
+                         "text_encoder": ("CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408, "
+                                          f"context {arch.CONTEXT_LENGTH} tokens"),
                          "cross_attention": "7 layers x 8 heads = 56 heads, latent 16x16 and 8x8 (and mid block)",
                          "scheduler": "DDIM", "weights": "safetensors, fp16",
                          "weights_mb": _size_mb(folder)},

@@ -157,7 +157,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-        ids = tok(prompts, padding="max_length", max_length=arch.CONTEXT_LENGTH, truncation=True, return_tensors="pt").input_ids
+        ids = tok(prompts, padding="max_length", truncation=True, return_tensors="pt").input_ids  # to CONTEXT_LENGTH
         noise = torch.randn(z.shape, generator=g)
         if offset_noise:  # a per-image, per-channel constant: lets the model move the whole image's low frequencies
             noise = noise + offset_noise * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=g)
