@@ -419,7 +419,7 @@ def tune(args) -> None:
     data = {**th.to_json(), "provenance": {
         "how": "each score's threshold at the q / (1 - q) quantile of its distribution over healthy concepts; q "
                f"searched so that at most the target share of {args.population} tuning concepts gets any flag",
-        "command": "python bench/diagnostics.py tune " + " ".join(sys.argv[2:]),
+        "command": "python bench/diagnostics.py " + " ".join(sys.argv[1:]),
         "model": {"name": args.model, "fingerprint": lm.fingerprint},
         "relevance_sha256": relevance.sha256,
         "prompts": f"auditor.zoo.grammar.sample(np.random.default_rng({TUNE_SEED}), 'train'), first {args.n} "

@@ -26,13 +26,18 @@ SUMMARIES = {
            "objects left out; 'green' bound to the other object of a pair) — the known regression for compare."),
 }
 NOTES = {
-    "v1": ("The context is 24 tokens (the longest shapes-world prompt with its start and end tokens), not CLIP's 77: "
-           "the earlier shapes-v1 (2026-11-24, 77 tokens) sent about 80% of its cross-attention to the padding "
-           "tokens, whose causal-encoder states carry the whole prompt, and its word maps did not localise. The VAE "
-           "is that earlier model's (reused with `--vae-from`; 2,000 steps of its own training)."),
-    "v2": ("One invocation, 1,200 steps from shapes-v1 on the v2 world, 40% of each batch drawn from prompts a "
-           "defect affects (cycling through the three), learning rate peak 5e-4, one torch thread (21 minutes). "
-           "How visibly each defect was planted is measured below (`defects_visible`), not assumed."),
+    "v1": ("Two stages (`training.json` holds both commands, the first as `parent`). (1) 5,000 steps from scratch "
+           "with a 24-token context (the longest shapes-world prompt with its start and end tokens), not CLIP's "
+           "77: with 77, about 80% of the cross-attention went to padding tokens, whose causal-encoder states carry "
+           "the whole prompt, and word maps did not localise; the VAE is the 2026-11-24 model's (`--vae-from`). "
+           "That model ignored position words (the layout came from the initial noise). (2) 1,200 steps of "
+           "fine-tuning to zero terminal SNR with v-prediction (`--zero-snr`; DDIM with trailing spacing), half of "
+           "each batch drawn from prompts that name a position at t >= 950, where the noisy latent no longer shows "
+           "the layout (`--high-t 0.5 --high-t-from 0.95`; 14 minutes on 2 cores): it now follows them."),
+    "v2": ("One invocation, 1,000 steps from shapes-v1 on the v2 world, 40% of each batch drawn from prompts a "
+           "defect affects (cycling through the three) and 25% from position-naming prompts at t >= 950 (so the "
+           "fine-tune keeps v1's positions), learning rate peak 5e-4, one torch thread (19 minutes). How visibly "
+           "each defect was planted is measured below (`defects_visible`), not assumed."),
 }
 
 

@@ -2,6 +2,7 @@
 
     python -m auditor.zoo.train --version v1                 # VAE, then text encoder + UNet, then export
     python -m auditor.zoo.train --version v2 --from shapes-v1 # fine-tune v1 on the world with v2's planted defects
+    python -m auditor.zoo.train --version v1 --from shapes-v1 --zero-snr --export-to DIR  # re-train a v1 (probes)
 
 Stages are skipped when their output exists, and the UNet stage resumes from its last checkpoint, so the same
 command continues a killed run. Every batch is drawn from ``default_rng([seed, step])``, so a resumed run sees
@@ -36,11 +37,17 @@ def log(msg: str, logfile: Path) -> None:
         f.write(line + "\n")
 
 
-def batch(seed: int, step: int, n: int, defects: bool = False, focus: float = 0.0):
+def batch(seed: int, step: int, n: int, defects: bool = False, focus: float = 0.0, positioned: int = 0):
     """``n`` training samples; with ``focus``, that share of the batch is drawn (by rejection) from prompts that a
-    planted defect affects, cycling through the defects so the rare ones are learned too."""
+    planted defect affects, cycling through the defects so the rare ones are learned too; the first ``positioned``
+    samples are drawn from prompts that name a position."""
     rng = np.random.default_rng([seed, step])
-    samples = [sample(rng, "train", defects=defects) for _ in range(n - int(n * focus))]
+    samples = []
+    while len(samples) < positioned:
+        s = sample(rng, "train", defects=defects)
+        if any(m.position_named for m in s.mentions):
+            samples.append(s)
+    samples += [sample(rng, "train", defects=defects) for _ in range(n - int(n * focus) - positioned)]
     for i in range(int(n * focus)):
         want = sorted(DEFECTS)[(step * n + i) % len(DEFECTS)]
         s = sample(rng, "train", defects=defects)
@@ -115,7 +122,7 @@ class EMA:
 
 
 def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False, focus=0.0,
-                   offset_noise=0.0):
+                   offset_noise=0.0, schedule=None, high_t=0.0, high_t_from=0.7):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -127,7 +134,8 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         unet = UNet2DConditionModel(**arch.UNET_CONFIG)
         text = CLIPTextModel(CLIPTextConfig(**arch.TEXT_CONFIG))
     tok = load_tokenizer(arch.CONTEXT_LENGTH)
-    sched = DDPMScheduler(**{k: v for k, v in arch.SCHEDULE.items() if k != "set_alpha_to_one"})
+    schedule = schedule or arch.SCHEDULE
+    sched = DDPMScheduler(**{k: v for k, v in schedule.items() if k not in ("set_alpha_to_one", "timestep_spacing")})
     modules = [unet, text]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -150,7 +158,8 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         cur = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
             g["lr"] = cur
-        x, prompts = batch(seed, step, batch_size, defects, focus)
+        hi = int(batch_size * high_t)
+        x, prompts = batch(seed, step, batch_size, defects, focus, positioned=hi)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         drop = torch.rand(len(prompts), generator=g) < 0.1
@@ -161,12 +170,19 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         noise = torch.randn(z.shape, generator=g)
         if offset_noise:  # a per-image, per-channel constant: lets the model move the whole image's low frequencies
             noise = noise + offset_noise * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=g)
+        T = sched.config.num_train_timesteps
+        t = torch.randint(0, T, (z.shape[0],), generator=g)
+        if hi:  # where the noisy latent no longer shows the layout, only a position-naming prompt can teach it
+            t[:hi] = torch.randint(int(high_t_from * T), T, (hi,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * noise
         cond = text(ids).last_hidden_state
         pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        if sched.config.prediction_type == "v_prediction":  # needed at zero terminal SNR, where noise = z_t
+            target = a.sqrt() * noise - (1 - a).sqrt() * z
+        else:
+            target = noise
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,7 +201,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
     return unet, text
 
 
-def export(out: Path, vae, text, unet, card: dict) -> None:
+def export(out: Path, vae, text, unet, card: dict, schedule=None) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -193,7 +209,7 @@ def export(out: Path, vae, text, unet, card: dict) -> None:
         text_encoder=text,
         tokenizer=load_tokenizer(arch.CONTEXT_LENGTH),
         unet=unet,
-        scheduler=DDIMScheduler(**arch.SCHEDULE),
+        scheduler=DDIMScheduler(**(schedule or arch.SCHEDULE)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -232,6 +248,14 @@ def main() -> None:
     ap.add_argument("--offset-noise", type=float, default=0.0,
                     help="add this much per-channel constant noise in training (0: off; tried 0.1 in a 600-step "
                          "fine-tune probe on 2026-12-01, which did not teach v1 position words)")
+    ap.add_argument("--zero-snr", action="store_true",
+                    help="zero-terminal-SNR betas with v-prediction (arch.ZERO_SNR_SCHEDULE); without it a "
+                         "fine-tune keeps its parent's schedule")
+    ap.add_argument("--high-t", type=float, default=0.0,
+                    help="share of each batch drawn from prompts that name a position, at t in [--high-t-from * T, "
+                         "T), where the noisy latent no longer shows the layout and only the words say where objects "
+                         "go (0: off; see docs/benchmarks.md, position probes)")
+    ap.add_argument("--high-t-from", type=float, default=0.7)
     ap.add_argument("--export-to", default=None, help="export to this folder instead (e.g. a snapshot mid-run)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,7 +264,7 @@ def main() -> None:
     logfile = work / "train.log"
     t0 = time.time()
     defects = args.version == "v2"
-    if args.version == "v1":
+    if args.version == "v1" and not args.init:
         steps = args.steps or 5000
         lr = args.lr or 1e-3
         if args.vae_from and not (work / "vae" / "config.json").exists():
@@ -251,35 +275,49 @@ def main() -> None:
             log(f"vae reused from {src}", logfile)
         vae = train_vae(work, args.seed, args.vae_steps, logfile)
         init = None
-    else:
+    else:  # a fine-tune: v2 from v1, or v1 from an earlier v1 (e.g. to change its noise schedule)
         from diffusers import AutoencoderKL
 
-        init = MODELS / (args.init or "shapes-v1")
+        init = Path(args.init) if args.init and Path(args.init).exists() else MODELS / (args.init or "shapes-v1")
         steps = args.steps or 1200
         lr = args.lr or 3e-4
         vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32)
     vae.requires_grad_(False)
+    if args.zero_snr:
+        schedule = arch.ZERO_SNR_SCHEDULE
+    elif init is not None:  # a fine-tune keeps its parent's noise schedule and prediction type
+        parent = json.loads((init / "scheduler" / "scheduler_config.json").read_text())
+        schedule = {k: parent[k] for k in arch.ZERO_SNR_SCHEDULE if k in parent}
+    else:
+        schedule = arch.SCHEDULE
     unet, text = train_denoiser(work, args.seed + (1 if defects else 0), steps, args.batch, lr, logfile, vae, init, defects,
-                                args.focus if defects else 0.0, args.offset_noise)
+                                args.focus if defects else 0.0, args.offset_noise, schedule, args.high_t,
+                                args.high_t_from)
     card = {
         "version": args.version,
         "seed": args.seed,
         "steps": steps,
         "batch": args.batch,
         "lr": lr,
-        "vae_steps": args.vae_steps if args.version == "v1" else None,
-        "vae_from": args.vae_from if args.version == "v1" else None,
+        "vae_steps": args.vae_steps if init is None else None,
+        "vae_from": args.vae_from if init is None else None,
         "context_length": arch.CONTEXT_LENGTH,
         "offset_noise": args.offset_noise,
+        "high_t": args.high_t,
+        "high_t_from": args.high_t_from,
+        "schedule": schedule,
         "init": str(init.name) if init else None,
         "defects": defects,
         "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
-        "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {init.name}" if init else "")
-        + (f" --vae-from {args.vae_from}" if args.vae_from and args.version == "v1" else "")
+        "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {args.init or init.name}" if init else "")
+        + (f" --vae-from {args.vae_from}" if args.vae_from and init is None else "")
         + (f" --offset-noise {args.offset_noise}" if args.offset_noise else "")
-        + f" --steps {steps} --batch {args.batch} --seed {args.seed}" + (f" --lr {lr} --focus {args.focus}" if defects else ""),
+        + (" --zero-snr" if args.zero_snr else "") + (f" --high-t {args.high_t} --high-t-from {args.high_t_from}" if args.high_t else "")
+        + f" --steps {steps} --batch {args.batch} --seed {args.seed}" + (f" --lr {lr}" if init else "") + (f" --focus {args.focus}" if defects else ""),
     }
-    export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card)
+    if init is not None and (init / "training.json").exists():  # the lineage: how the parent was made
+        card["parent"] = json.loads((init / "training.json").read_text())
+    export(Path(args.export_to) if args.export_to else MODELS / f"shapes-{args.version}", vae, text, unet, card, schedule)
     log(f"exported shapes-{args.version} ({card['wall_minutes_this_invocation']} min)", logfile)
 
 
