@@ -7,8 +7,9 @@ one model mean the same thing on another.
 
 - **missing** (an object the model neglected), for objects of prompts that name several: its selective map has no
   confident region of its own — its peak is weak next to the strongest object's (``peak_ratio``), its mass is
-  diffuse (``concentration``: share of the mass inside its own region), or its region is mostly a stronger
-  object's region (``shared_region``: IoU);
+  diffuse (``concentration``: share of the mass inside its own region), its region is mostly a stronger
+  object's region (``shared_region``: IoU), or its region is spread over much of the image (``area``: on
+  shapes-v2 a neglected object's map covers the background around the object that was drawn);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
   (``binding_margin``: own-region share minus the best other object's share), or an object's map sits on the wrong
   side of the image or of another object for the position or relation the prompt names (``side_offset``);
@@ -44,6 +45,7 @@ SCORE_DIRECTIONS = {
     "min_peak_ratio": ("peak_ratio", "low", "object"),
     "min_concentration": ("concentration", "low", "object"),
     "max_shared_region": ("shared_region", "high", "object"),
+    "max_area": ("area", "high", "object"),
     "min_binding_margin": ("binding_margin", "low", "attribute"),
     "position_margin": ("side_offset", "low", "object"),
     "min_category_margin": ("category_margin", "low", None),
@@ -232,11 +234,15 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
         reasons.append(f"its region overlaps '{other}'s by {s['shared_region']:.0%} IoU "
                        f"(threshold {th.max_shared_region:.0%})")
         excess = max(excess, _past(s["shared_region"], th.max_shared_region, "high", 0.0, 1.0))
+    if s.get("peak_ratio") is not None and s.get("area") is not None and s["area"] > th.max_area:
+        reasons.append(f"its region covers {s['area']:.0%} of the image (threshold {th.max_area:.0%}), spread "
+                       f"rather than on an object")
+        excess = max(excess, _past(s["area"], th.max_area, "high", 0.0, 1.0))
     if not reasons:
         return None
     return Flag("missing", _severity(excess),
                 f"'{v.text}': its {v.category} heads find no region of its own ({'; '.join(reasons)}) — the object "
-                f"is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region"))
+                f"is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region", "area"))
 
 
 def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:

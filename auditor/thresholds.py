@@ -24,6 +24,7 @@ class Thresholds:
     min_peak_ratio: float = 0.25  # object's peak / strongest object's peak in the prompt
     min_concentration: float = 0.30  # share of the map's mass inside its own region
     max_shared_region: float = 0.60  # IoU with another object's region above which it has no region of its own
+    max_area: float = 0.60  # share of the image in its region above which the map is spread, not on an object
     # misplaced: an attribute lands on another object; an object away from its named position
     min_binding_margin: float = -0.10  # own-object share minus best other-object share of the attribute's mass
     position_margin: float = 0.05  # centroid must be this far (in image fractions) on the named side

@@ -66,6 +66,19 @@ def test_missing_fires_when_an_object_only_shares_a_stronger_ones_region():
     assert "'star'" in msg and "'cat'" in msg
 
 
+def test_missing_fires_when_an_object_map_is_spread_over_the_background():
+    # Strong everywhere except where the cat is: the shapes-v2 signature of a neglected object.
+    spread = (1.0 - 0.9 * blob(0.25, 0.5, 1.0, r=0.15, floor=0.0)).astype(np.float32)
+    sc, flags = diagnose(scene(star_map=spread), TH)
+    assert types_of(flags, 2) == ["missing"] and sc[2]["area"] > TH.max_area
+    assert sc[2]["peak_ratio"] > TH.min_peak_ratio and sc[2]["shared_region"] < TH.max_shared_region
+    msg = next(f.message for f in flags if f.concept == 2)
+    assert "'star'" in msg and "covers" in msg
+    # A lone object has no other object to be missing next to: the same map stays silent.
+    alone = [ConceptView(0, "star", "object", "shape", spread)]
+    assert diagnose(alone, TH)[1] == []
+
+
 def test_misplaced_attribute_on_the_other_object():
     broken = scene(red_map=blob(0.75, 0.5, 0.5))  # red lands on the star, not on its cat
     sc, flags = diagnose(broken, TH)
