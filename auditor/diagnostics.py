@@ -234,6 +234,7 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
         reasons.append(f"its region overlaps '{other}'s by {s['shared_region']:.0%} IoU "
                        f"(threshold {th.max_shared_region:.0%})")
         excess = max(excess, _past(s["shared_region"], th.max_shared_region, "high", 0.0, 1.0))
+    # Only next to another object (peak_ratio exists then): a lone object's map may fill the image legitimately.
     if s.get("peak_ratio") is not None and s.get("area") is not None and s["area"] > th.max_area:
         reasons.append(f"its region covers {s['area']:.0%} of the image (threshold {th.max_area:.0%}), spread "
                        f"rather than on an object")
