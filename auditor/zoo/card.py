@@ -53,6 +53,16 @@ def _command(training: dict, version: str) -> str:
     return cmd
 
 
+def _scheduler(folder: Path) -> str:
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    if not cfg_path.is_file():
+        return "DDIM"
+    cfg = json.loads(cfg_path.read_text())
+    zero = ", zero terminal SNR" if cfg.get("rescale_betas_zero_snr") else ""
+    return (f"{cfg.get('_class_name', 'DDIM')}, {cfg.get('prediction_type', 'epsilon')} prediction{zero}, "
+            f"{cfg.get('timestep_spacing', 'leading')} spacing")
+
+
 def card_for(folder: Path, quality: dict | None) -> dict:
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
     version = folder.name.split("-", 1)[1]
@@ -64,7 +74,7 @@ def card_for(folder: Path, quality: dict | None) -> dict:
                          "text_encoder": ("CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408, "
                                           f"context {arch.CONTEXT_LENGTH} tokens"),
                          "cross_attention": "7 layers x 8 heads = 56 heads, latent 16x16 and 8x8 (and mid block)",
-                         "scheduler": "DDIM", "weights": "safetensors, fp16",
+                         "scheduler": _scheduler(folder), "weights": "safetensors, fp16",
                          "weights_mb": _size_mb(folder)},
         "training": {**training, "command": _command(training, version)},
         "notes": NOTES.get(version),
@@ -90,7 +100,9 @@ def readme(card: dict) -> str:
     lines += [f"- {k}: {v}" for k, v in card["architecture"].items()]
     t = card["training"]
     lines += ["", "## Training", "", f"Command: `{t.get('command')}` (seeded; checkpoints to `work_zoo/` and resumes).", ""]
-    lines += [f"- {k}: {v}" for k, v in t.items() if k != "command"]
+    if isinstance(t.get("parent"), dict):  # a fine-tune: how its parent was made, then this run's settings
+        lines += [f"Fine-tuned from a model made with: `{t['parent'].get('command')}`.", ""]
+    lines += [f"- {k}: {v}" for k, v in t.items() if k not in ("command", "parent")]
     if card.get("notes"):
         lines += ["", card["notes"]]
     lines += ["", "## Held-out compositions (never rendered for training; every benchmark uses them)", "",
