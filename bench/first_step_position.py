@@ -1,6 +1,6 @@
 """Where does a model put "a big red circle on the left / right / at the top / at the bottom" at its first step?
 
-    .venv/bin/python bench/first_step_position.py auditor/zoo/models/shapes-v1
+    .venv/bin/python bench/first_step_position.py shapes-v1
 
 Prints, per position word, the centroid (64-pixel image coordinates) of the red mass in the model's prediction of
 the clean image at t = 999 with guidance 5, averaged over 32 noises, decoded by the VAE. A model that follows the
@@ -15,14 +15,13 @@ import argparse
 import numpy as np
 import torch
 
+from common import load_v1
+
 WORDS = ("on the left", "on the right", "at the top", "at the bottom")
 
 
-def first_step_centroids(path: str, noises: int = 32, guidance: float = 5.0, t: int = 999) -> dict[str, tuple]:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, safety_checker=None,
-                                                   local_files_only=True)
+def first_step_centroids(model: str, noises: int = 32, guidance: float = 5.0, t: int = 999) -> dict[str, tuple]:
+    pipe = load_v1(model).pipe  # any bundled name or pipeline folder, loaded as --model is
     alpha = pipe.scheduler.alphas_cumprod[t]
     v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
 
@@ -49,7 +48,7 @@ def first_step_centroids(path: str, noises: int = 32, guidance: float = 5.0, t: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", help="a pipeline folder")
+    ap.add_argument("model", help="a bundled model name or a pipeline folder")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -98,8 +98,7 @@ def main() -> None:
             ctx = text(enc.input_ids).last_hidden_state
             if args.only_position_token:
                 keep = torch.zeros(ctx.shape[:2], dtype=torch.bool)
-                for i, s in enumerate(samples):
-                    ids = tok(s.prompt).input_ids
+                for i, ids in enumerate(enc.input_ids.tolist()):
                     hits = [j for j, t in enumerate(ids) if tok.decode([t]).strip() == positions[i]]
                     keep[i, hits[-1:]] = True
                 ctx = ctx * keep[..., None]

@@ -116,3 +116,16 @@ def test_damaged_weights_give_one_line(cli, tmp_path, damage):
     # (a "--- Logging error ---" block is pytest's captured stream closing under a library logger, not our output)
     assert len(lines) == 1 and ("Traceback" not in err or "--- Logging error ---" in err)
     assert "unet" in lines[0]
+
+
+def test_training_records_a_command_that_parses_back_to_the_same_recipe():
+    from auditor.zoo.train import NOT_RECIPE, parser, recipe_command
+
+    ap = parser()
+    args = ap.parse_args(["--version", "v1", "--from", "shapes-v1", "--zero-snr", "--high-t", "0.5",
+                          "--high-t-from", "0.95", "--lr", "5e-4", "--seed", "3", "--threads", "1"])
+    cmd = recipe_command(ap, args, steps=1200, lr=5e-4, batch=args.batch, seed=args.seed)
+    assert cmd.startswith("python -m auditor.zoo.train --version v1") and "--threads" not in cmd
+    back = vars(ap.parse_args(cmd.split()[3:]))
+    want = {**vars(args), "steps": 1200}
+    assert {k: v for k, v in back.items() if k not in NOT_RECIPE} == {k: v for k, v in want.items() if k not in NOT_RECIPE}

@@ -232,7 +232,31 @@ def export(out: Path, vae, text, unet, card: dict, schedule=None) -> None:
     tmp.replace(out)
 
 
-def main() -> None:
+NOT_RECIPE = ("threads", "export_to")  # how or where a run goes, not what it trains
+
+
+def recipe_command(ap: argparse.ArgumentParser, args: argparse.Namespace, **effective) -> str:
+    """The command that reproduces this run: every option that differs from its default, and ``effective`` values
+    (defaults that depend on the version, e.g. steps and lr) always, so the record never drifts from the parser."""
+    defaults = vars(ap.parse_args(["--version", args.version]))
+    values = {**vars(args), **effective}
+    parts = ["python -m auditor.zoo.train", f"--version {args.version}"]
+    for action in ap._actions:  # argparse exposes option strings only here
+        key = action.dest
+        if key in ("help", "version") or key in NOT_RECIPE:
+            continue
+        value = values.get(key)
+        if key not in effective and value == defaults.get(key):
+            continue
+        flag = action.option_strings[0]
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        elif value is not None:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", choices=["v1", "v2"], required=True)
     ap.add_argument("--from", dest="init", default=None, help="fine-tune from this bundled model (v2: shapes-v1)")
@@ -257,7 +281,14 @@ def main() -> None:
                          "go (0: off; see docs/benchmarks.md, position probes)")
     ap.add_argument("--high-t-from", type=float, default=0.7)
     ap.add_argument("--export-to", default=None, help="export to this folder instead (e.g. a snapshot mid-run)")
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
+    from auditor.engine.models import resolve  # bundled name or folder, one rule with --model
+
     torch.set_num_threads(args.threads)
     work = ROOT / "work_zoo" / args.version
     work.mkdir(parents=True, exist_ok=True)
@@ -270,7 +301,7 @@ def main() -> None:
         if args.vae_from and not (work / "vae" / "config.json").exists():
             from diffusers import AutoencoderKL
 
-            src = Path(args.vae_from) if Path(args.vae_from).exists() else MODELS / args.vae_from
+            src = resolve(args.vae_from)[0]
             AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32).save_pretrained(work / "vae")
             log(f"vae reused from {src}", logfile)
         vae = train_vae(work, args.seed, args.vae_steps, logfile)
@@ -278,7 +309,7 @@ def main() -> None:
     else:  # a fine-tune: v2 from v1, or v1 from an earlier v1 (e.g. to change its noise schedule)
         from diffusers import AutoencoderKL
 
-        init = Path(args.init) if args.init and Path(args.init).exists() else MODELS / (args.init or "shapes-v1")
+        init = resolve(args.init or "shapes-v1")[0]
         steps = args.steps or 1200
         lr = args.lr or 3e-4
         vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32)
@@ -309,11 +340,7 @@ def main() -> None:
         "init": str(init.name) if init else None,
         "defects": defects,
         "wall_minutes_this_invocation": round((time.time() - t0) / 60, 1),
-        "command": f"python -m auditor.zoo.train --version {args.version}" + (f" --from {args.init or init.name}" if init else "")
-        + (f" --vae-from {args.vae_from}" if args.vae_from and init is None else "")
-        + (f" --offset-noise {args.offset_noise}" if args.offset_noise else "")
-        + (" --zero-snr" if args.zero_snr else "") + (f" --high-t {args.high_t} --high-t-from {args.high_t_from}" if args.high_t else "")
-        + f" --steps {steps} --batch {args.batch} --seed {args.seed}" + (f" --lr {lr}" if init else "") + (f" --focus {args.focus}" if defects else ""),
+        "command": recipe_command(ap, args, steps=steps, lr=lr, batch=args.batch, seed=args.seed),
     }
     if init is not None and (init / "training.json").exists():  # the lineage: how the parent was made
         card["parent"] = json.loads((init / "training.json").read_text())
