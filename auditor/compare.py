@@ -1,9 +1,10 @@
 """Regression statistics between two audit runs of one suite (a model before and after a change).
 
 Both runs generated the same prompts with the same seeds, so every (prompt, seed, concept) is a *paired*
-observation: flagged or not in run A, flagged or not in run B. Flag-rate changes are tested with McNemar's exact test
-on the discordant pairs; mean score changes get a paired bootstrap interval (resampling seeds, or pairs for a
-category). What counts as a regression is decided by ``Policy`` alone.
+observation: flagged or not in run A, flagged or not in run B. Observations are pooled per concept, per category and
+per suite tag (the prompts a tag marks, e.g. those a known defect affects). Flag-rate changes are tested with
+McNemar's exact test on the discordant pairs; mean score changes get a paired bootstrap interval (resampling seeds,
+or pairs for a category or tag). What counts as a regression is decided by ``Policy`` alone.
 """
 
 from __future__ import annotations
@@ -136,19 +137,24 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) 
 
     by_concept: dict[tuple[str, str], list] = defaultdict(list)
     by_category: dict[str, list] = defaultdict(list)
+    by_tag: dict[str, list] = defaultdict(list)
+    tags_of = {g["prompt_id"]: list(g.get("tags") or []) for g in a.generations}
     for pa, pb in matched:
         by_concept[(pa.prompt_id, pa.concept)].append((pa, pb))
         by_category[pa.category].append((pa, pb))
+        for t in tags_of.get(pa.prompt_id, []):  # a suite's tags say what its prompts test ("pair", "defect:x")
+            by_tag[t].append((pa, pb))
     concepts = [{"prompt_id": pid, "concept": label, "category": ps[0][0].category, "seeds": [x.seed for x, _ in ps],
                  **paired_stats(ps, policy)} for (pid, label), ps in by_concept.items()]
     categories = [{"category": cat, **paired_stats(ps, policy)} for cat, ps in sorted(by_category.items())]
+    tags = [{"tag": t, "prompts": len({x.prompt_id for x, _ in ps}), **paired_stats(ps, policy)}
+            for t, ps in sorted(by_tag.items())]
     overall = paired_stats(matched, policy)
-    overall.pop("verdict")  # the gate is on concepts and categories; the overall numbers are context
+    overall.pop("verdict")  # the gate is on concepts, tags and categories; the overall numbers are context
 
-    regressions = [{"level": "concept", **c} for c in concepts if c["verdict"] == "regression"] + \
-                  [{"level": "category", **c} for c in categories if c["verdict"] == "regression"]
-    improvements = [{"level": "concept", **c} for c in concepts if c["verdict"] == "improvement"] + \
-                   [{"level": "category", **c} for c in categories if c["verdict"] == "improvement"]
+    levels = [("concept", concepts), ("tag", tags), ("category", categories)]
+    regressions = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "regression"]
+    improvements = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "improvement"]
     k = int((a.manifest.get("method") or {}).get("k") or 8)
     return {
         "run_a": a.info, "run_b": b.info, "suite": suite_a, "seeds": seeds_a,
@@ -156,7 +162,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) 
         "common_prompts": len({pa.prompt_id for pa, _ in matched}), "pairs": len(matched),
         "policy": {**asdict(policy), "text": policy.describe()},
         "overall": {**overall, "fidelity_a": round(1 - overall["rate_a"], 4), "fidelity_b": round(1 - overall["rate_b"], 4)},
-        "concepts": concepts, "categories": categories,
+        "concepts": concepts, "categories": categories, "tags": tags,
         "regressions": regressions, "improvements": improvements,
         "heads": compare_heads(a.relevance, b.relevance, k),
         "manifest_differences": _differences(a.manifest, b.manifest),
@@ -233,7 +239,7 @@ def check_gate(max_regressions: int | None, fail_on: str | None) -> None:
 
 
 def gate(comparison: dict, max_regressions: int | None, fail_on: str | None) -> str | None:
-    """Why the comparison fails the user's gate, or None. Counts concept- and category-level regressions."""
+    """Why the comparison fails the user's gate, or None. Counts regressions at every level (concept, tag, category)."""
     check_gate(max_regressions, fail_on)
     n = len(comparison["regressions"])
     if max_regressions is not None and n > max_regressions:
@@ -255,7 +261,8 @@ def to_text(comparison: dict) -> str:
              f"{len(c['improvements'])} improvements; fidelity {c['overall']['fidelity_a']:.1%} -> "
              f"{c['overall']['fidelity_b']:.1%}"]
     for r in c["regressions"]:
-        what = f"{r['prompt_id']}: {r['concept']}" if r["level"] == "concept" else f"category {r['category']}"
+        what = (f"{r['prompt_id']}: {r['concept']}" if r["level"] == "concept" else
+                f"tag {r['tag']} ({r['prompts']} prompt{'s' if r['prompts'] != 1 else ''})" if r["level"] == "tag" else f"category {r['category']}")
         lines.append(f"  regression  {what}  flag rate {r['rate_a']:.0%} -> {r['rate_b']:.0%}  "
                      f"(broken {r['broken']}, fixed {r['fixed']}, McNemar p={r['p']:.3g})")
     lines.append(f"heads: {c['heads']['note']}")

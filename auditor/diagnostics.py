@@ -8,13 +8,16 @@ one model mean the same thing on another.
 - **missing** (an object the model neglected), for objects of prompts that name several: its selective map has no
   confident region of its own — its peak is weak next to the strongest object's (``peak_ratio``), its mass is
   diffuse (``concentration``: share of the mass inside its own region), its region is mostly a stronger
-  object's region (``shared_region``: IoU), or its region is spread over much of the image (``area``: on
-  shapes-v2 a neglected object's map covers the background around the object that was drawn);
+  object's region (``shared_region``: IoU), its region is spread over much of the image (``area``: on
+  shapes-v2 a neglected object's map covers the background around the object that was drawn), or its map peaks
+  on empty background in the image (``drawn_share``, from ``auditor.pixels``);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
   (``binding_margin``: own-region share minus the best other object's share), or an object's map sits on the wrong
   side of the image or of another object for the position or relation the prompt names (``side_offset``);
 - **misinterpreted**: for a word with several candidate readings (categories), its attention within each
-  category's top heads is stronger for another category than the one its role implies (``category_margin``).
+  category's top heads is stronger for another category than the one its role implies (``category_margin``); or,
+  for a colour word, the image holds little of that colour where its colour heads look or its object's map lies
+  (``colour_share``, from ``auditor.pixels``: attention alone cannot tell which colour was drawn).
 
 Scores do not depend on thresholds: ``scores`` computes them, ``flags_from_scores`` applies thresholds, so stored
 results can be re-judged (``flags_from_records``) without the maps. Thresholds: ``auditor.thresholds`` (one place).
@@ -46,9 +49,11 @@ SCORE_DIRECTIONS = {
     "min_concentration": ("concentration", "low", "object"),
     "max_shared_region": ("shared_region", "high", "object"),
     "max_area": ("area", "high", "object"),
+    "min_drawn_share": ("drawn_share", "low", "object"),
     "min_binding_margin": ("binding_margin", "low", "attribute"),
     "position_margin": ("side_offset", "low", "object"),
     "min_category_margin": ("category_margin", "low", None),
+    "min_colour_share": ("colour_share", "low", "attribute"),
 }
 
 
@@ -119,8 +124,13 @@ def views_by(views: list[ConceptView], index: int) -> ConceptView:
 # --- scores ---------------------------------------------------------------------------------------------------
 
 
-def scores(views: list[ConceptView]) -> dict[int, dict]:
-    """Every number a verdict rests on, per concept (kept in results.json as evidence)."""
+def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[int, dict]:
+    """Every number a verdict rests on, per concept (kept in results.json as evidence). ``image`` (the generated
+    image, [H, W, 3] uint8) adds the image-side scores (``drawn_share``, ``colour_share``); without it they are
+    skipped."""
+    from auditor import pixels
+
+    terms = pixels.nearest_terms(image) if image is not None else None
     masks = {v.index: binarize(v.raw) for v in views}
     objects = [v for v in views if v.role == "object"]
     top_peak = max((float(v.raw.max()) for v in objects), default=0.0)
@@ -155,6 +165,15 @@ def scores(views: list[ConceptView]) -> dict[int, dict]:
             s["expected_response"], s["winner"] = exp, max(v.category_response, key=v.category_response.get)
             s["category_margin"] = math.log((exp + 1e-9) / (rivals[rc] + 1e-9))
             s["rival_category"] = rc
+        if terms is not None and v.role == "object":
+            s["drawn_share"] = pixels.drawn_share(v.raw, terms)
+        if terms is not None and v.role == "attribute" and pixels.checkable(v.text):
+            # Where the word looks or where its object is: a word whose attention strays to the other object (the
+            # binding scores judge that) must not read as a colour not drawn when its object has the colour.
+            looks = [v.raw] + [o.raw for o in objects if o.index == v.binds_to]
+            got = [c for c in (pixels.colour_scores(image, raw, v.text, terms) for raw in looks) if c]
+            if got:
+                s.update(max(got, key=lambda c: c["colour_share"]))
         out[v.index] = s
     for v in views:  # where the prompt puts an object: needs every centroid first
         if v.role == "object":
@@ -216,6 +235,15 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
                               f"(log-ratio {s['category_margin']:+.2f}, threshold {th.min_category_margin:+.2f}) — "
                               f"the model may have misread the word",
                               v.index, _pick(s, "expected_response", "category_margin", "winner")))
+        if s.get("colour_share") is not None and s["colour_share"] < th.min_colour_share:
+            excess = _past(s["colour_share"], th.min_colour_share, "low", 0.0, 1.0)
+            on = f" on '{views_by(views, v.binds_to).text}'" if v.binds_to is not None else ""
+            instead = f"mostly {s['drawn_colour']}" if s.get("drawn_colour") else "no colour but the background's"
+            flags.append(Flag("misinterpreted", _severity(excess),
+                              f"{name}{on}: where its {v.category} heads look, the image is {instead} — only "
+                              f"{s['colour_share']:.0%} {v.text} (threshold {th.min_colour_share:.0%}); the colour "
+                              f"is probably not drawn as asked",
+                              v.index, _pick(s, "colour_share", "drawn_colour")))
     return flags
 
 
@@ -239,11 +267,16 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
         reasons.append(f"its region covers {s['area']:.0%} of the image (threshold {th.max_area:.0%}), spread "
                        f"rather than on an object")
         excess = max(excess, _past(s["area"], th.max_area, "high", 0.0, 1.0))
+    if s.get("drawn_share") is not None and s["drawn_share"] < th.min_drawn_share:
+        reasons.append(f"only {s['drawn_share']:.0%} of its peak falls on anything drawn in the image "
+                       f"(threshold {th.min_drawn_share:.0%})")
+        excess = max(excess, _past(s["drawn_share"], th.min_drawn_share, "low", 0.0, 1.0))
     if not reasons:
         return None
     return Flag("missing", _severity(excess),
                 f"'{v.text}': its {v.category} heads find no region of its own ({'; '.join(reasons)}) — the object "
-                f"is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region", "area"))
+                f"is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region", "area",
+                                                          "drawn_share"))
 
 
 def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
@@ -265,9 +298,10 @@ def _pick(s: dict, *keys) -> dict:
     return {k: s[k] for k in keys if s.get(k) is not None}
 
 
-def diagnose(views: list[ConceptView], th: Thresholds) -> tuple[dict[int, dict], list[Flag]]:
-    """Scores and flags for every concept of one generation."""
-    sc = scores(views)
+def diagnose(views: list[ConceptView], th: Thresholds, image: np.ndarray | None = None
+             ) -> tuple[dict[int, dict], list[Flag]]:
+    """Scores and flags for every concept of one generation (``image``: see ``scores``)."""
+    sc = scores(views, image)
     return sc, flags_from_scores(views, sc, th)
 
 

@@ -91,8 +91,9 @@ def scored_concepts(concepts) -> list:
     return [c for c in concepts.items if c.role in MAPPED_ROLES and c.token_indices and not c.negated]
 
 
-def generation_record(tr, concepts, relevance, th: Thresholds, k: int) -> tuple[list[dict], dict, dict]:
-    """Maps, scores and flags of every scored concept of one traced generation.
+def generation_record(tr, concepts, relevance, th: Thresholds, k: int, image=None) -> tuple[list[dict], dict, dict]:
+    """Maps, scores and flags of every scored concept of one traced generation (``image``, the generated one, for
+    the colour check of colour words).
 
     Returns (concept records, maps {"<i>_<method>": raw map}, normalised maps for overlays). Attribute bindings
     (``binds_to``) index this list, so a record stands on its own."""
@@ -142,7 +143,7 @@ def generation_record(tr, concepts, relevance, th: Thresholds, k: int) -> tuple[
             rec["position"] = v.position
         if v.relations:
             rec["relations"] = [{"relation": r, "object": o} for r, o in v.relations]
-    sc, flags = diagnose(views, th)
+    sc, flags = diagnose(views, th, None if image is None else np.asarray(image.convert("RGB")))
     for i, rec in enumerate(records):
         rec["scores"] = {k_: _clean(v) for k_, v in sc.get(i, {}).items()}
         rec["flags"] = [f.to_json() for f in flags if f.concept == i]
@@ -270,7 +271,7 @@ def run_audit(opts: AuditOptions, argv: list[str] | None = None,
             try:
                 for p, cs, seed in todo:
                     image, tr = generate_one(pipe, p.text, seed, steps, guidance, resolution, relevance)
-                    concepts, raw_maps, norms = generation_record(tr, cs, relevance, th, k)
+                    concepts, raw_maps, norms = generation_record(tr, cs, relevance, th, k, image)
                     del tr
                     overlays = _overlays(image, norms, concepts)
                     store.add_generation({"prompt_id": p.id, "prompt": p.text, "seed": int(seed), "tags": list(p.tags),

@@ -25,11 +25,13 @@ class Thresholds:
     min_concentration: float = 0.30  # share of the map's mass inside its own region
     max_shared_region: float = 0.60  # IoU with another object's region above which it has no region of its own
     max_area: float = 0.60  # share of the image in its region above which the map is spread, not on an object
+    min_drawn_share: float = 0.20  # share of its map's peak region on non-background pixels of the image
     # misplaced: an attribute lands on another object; an object away from its named position
     min_binding_margin: float = -0.10  # own-object share minus best other-object share of the attribute's mass
     position_margin: float = 0.05  # centroid must be this far (in image fractions) on the named side
     # misinterpreted: the word's response in its expected category vs the best other candidate
     min_category_margin: float = 0.0  # log-ratio expected / best other candidate
+    min_colour_share: float = 0.02  # share of the named colour in the image under a colour word's map
     # across seeds: a concept fails when its flag rate exceeds this
     max_flag_rate: float = 0.5
     # methods

@@ -26,6 +26,7 @@ PROMPTS = [
      [("star", "object", "shape", None), ("green", "attribute", "colour", 0), ("ring", "object", "shape", None),
       ("striped", "attribute", "texture", 2)]),
 ]
+TAGS = {"two-objects": ["pair", "binding"], "polysemy": ["pair", "polysemy"], "hostile-text": ["pair"]}
 # A prompt whose categories have no calibrated heads (not in CATEGORIES): the runner falls back to the all-heads map
 # for them and records no selective map, with a note. Only the report tests use it.
 FALLBACK_PROMPT = ("no-heads", "a shiny wheel on the left",
@@ -123,7 +124,8 @@ def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0
                         continue  # the runner records no selective map for a category without heads
                     maps[f"{i}_{m_name}"] = m
                     overlays[f"{i}_{m_name}"] = overlay(image, m)
-            store.add_generation({"prompt_id": pid, "prompt": text, "seed": s, "concepts": records},
+            store.add_generation({"prompt_id": pid, "prompt": text, "seed": s, "tags": TAGS.get(pid, []),
+                                  "concepts": records},
                                  image, maps, overlays)
     if finish:
         store.finish(summarise(store.generations(), manifest["suite"]["acceptance"], 0.5))

@@ -129,3 +129,17 @@ def test_training_records_a_command_that_parses_back_to_the_same_recipe():
     back = vars(ap.parse_args(cmd.split()[3:]))
     want = {**vars(args), "steps": 1200}
     assert {k: v for k, v in back.items() if k not in NOT_RECIPE} == {k: v for k, v in want.items() if k not in NOT_RECIPE}
+
+
+def test_training_batches_hold_the_requested_shares_of_position_and_pair_prompts():
+    from auditor.zoo.train import batch
+
+    x, prompts = batch(seed=0, step=7, n=10, positioned=3, pairs=4)
+    again = batch(seed=0, step=7, n=10, positioned=3, pairs=4)[1]
+    assert x.shape == (10, 3, 64, 64) and prompts == again  # seeded per step: a resumed run sees the same data
+    position_words = ("on the left", "on the right", "at the top", "at the bottom", "in the center", "left of",
+                      "right of", "above", "below")
+    assert all(any(w in p for w in position_words) for p in prompts[:3])
+    # two-object prompts: joined by "and" or a relation, never a list (triples) or a count word
+    assert all((" and " in p or any(w in p for w in position_words + ("next to",))) and "," not in p
+               and not p.startswith(("two", "three")) for p in prompts[3:7])

@@ -77,6 +77,18 @@ def test_a_whole_category_breaking_is_a_significant_category_regression(tmp_path
     assert colour["category"] == "colour" and colour["p"] < 0.05
 
 
+def test_a_tag_whose_prompts_break_is_a_tag_regression(tmp_path, runs):
+    polysemy = next(p for p in fake_run.PROMPTS if p[0] == "polysemy")
+    broken = fake_run.build(tmp_path / "tagged", forced={RED: 0.0, **{("polysemy", w): 1.0 for w, *_ in polysemy[2]}})
+    c = compare_runs(runs["a"], broken)
+    tags = {r["tag"]: r for r in c["tags"]}
+    assert set(tags) == {"pair", "binding", "polysemy"} and tags["polysemy"]["prompts"] == 1
+    assert tags["polysemy"]["verdict"] == "regression" and tags["binding"]["verdict"] is None
+    assert any(r["level"] == "tag" and r["tag"] == "polysemy" for r in c["regressions"])
+    from auditor.compare import to_text
+    assert "tag polysemy (1 prompt)" in to_text(c)
+
+
 def test_heads_of_a_fine_tune_are_compared_and_other_architectures_are_not(tmp_path, runs):
     heads = compare_runs(runs["a"], runs["b"])["heads"]
     assert heads["comparable"] and min(heads["overlap"].values()) < 1.0

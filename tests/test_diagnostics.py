@@ -123,6 +123,47 @@ def test_misinterpreted_when_another_category_wins():
     assert healthy == []
 
 
+def painted(colour, bg=(245, 245, 245), right=True) -> np.ndarray:
+    """A 64x64 image: a disc of ``colour`` on the left (where the scene's cat and 'red' are), a green disc on the
+    right (where the star's map is) unless not ``right``."""
+    ys, xs = np.mgrid[0:64, 0:64] / 63
+    img = np.empty((64, 64, 3), np.uint8)
+    img[:] = bg
+    img[(xs - 0.25) ** 2 + (ys - 0.5) ** 2 < 0.12 ** 2] = colour
+    if right:
+        img[(xs - 0.75) ** 2 + (ys - 0.5) ** 2 < 0.12 ** 2] = (40, 160, 60)
+    return img
+
+
+def test_misinterpreted_when_a_colour_word_is_drawn_as_another_colour():
+    th = Thresholds(**{**TH.to_json(), "min_colour_share": 0.2})
+    sc, healthy = diagnose(scene(), th, painted((215, 45, 35)))
+    assert healthy == [] and sc[0]["colour_share"] > 0.8
+    sc, flags = diagnose(scene(), th, painted((40, 80, 210)))
+    assert types_of(flags, 0) == ["misinterpreted"] and sc[0]["drawn_colour"] == "blue"
+    msg = flags[0].message
+    assert "'red'" in msg and "'cat'" in msg and "blue" in msg and "threshold" in msg
+    assert types_of(flags, 1) == [] and types_of(flags, 2) == []  # both objects are drawn where their maps peak
+
+
+def test_missing_fires_when_an_objects_map_peaks_on_empty_background():
+    th = Thresholds(**{**TH.to_json(), "min_drawn_share": 0.5})
+    sc, healthy = diagnose(scene(), th, painted((215, 45, 35)))
+    assert healthy == [] and sc[2]["drawn_share"] > 0.9
+    sc, flags = diagnose(scene(), th, painted((215, 45, 35), right=False))  # the star's place is empty
+    assert types_of(flags, 2) == ["missing"] and types_of(flags, 1) == [] and sc[2]["drawn_share"] < 0.1
+    assert "'star'" in flags[0].message and "drawn" in flags[0].message
+
+
+def test_colour_check_skips_words_without_a_value_and_images_it_cannot_read():
+    views = scene()
+    views[0].text = "lavender"  # a colour word the lexicon gives no typical value
+    assert "colour_share" not in scores(views, painted((40, 80, 210)))[0]
+    assert "colour_share" not in scores(scene())[0]  # no image: no colour check
+    # On a red background the colour cannot be told from the background: no score rather than a guess.
+    assert "colour_share" not in scores(scene(), painted((215, 45, 35), bg=(215, 40, 40)))[0]
+
+
 def test_single_object_prompts_have_no_relative_scores():
     sc = scores([ConceptView(0, "star", "object", "shape", blob(0.5, 0.5))])
     assert "peak_ratio" not in sc[0] and "shared_region" not in sc[0] and "binding_margin" not in sc[0]

@@ -35,6 +35,7 @@ class _Lexicon:
     index: dict  # (role, word) -> category name
     count_values: dict  # count word -> number
     markers: dict  # marker list name -> tuple of words
+    rgb: dict  # colour word -> typical sRGB (0-255)
 
 
 def normalise(word: str) -> str:
@@ -79,7 +80,8 @@ def _load() -> _Lexicon:
         cats.append(cat)
     values = {normalise(k): int(v) for c in data["categories"] for k, v in (c.get("values") or {}).items()}
     markers = {k: tuple(normalise(w) for w in v) for k, v in data["markers"].items()}
-    return _Lexicon(tuple(cats), index, values, markers)
+    rgb = {normalise(k): tuple(int(x) for x in v) for c in data["categories"] for k, v in (c.get("rgb") or {}).items()}
+    return _Lexicon(tuple(cats), index, values, markers, rgb)
 
 
 def categories() -> list[Category]:
@@ -118,6 +120,11 @@ def lookup(lemma: str, role: str, strict: bool = False) -> str:
 def count_value(word: str) -> int | None:
     """The number a count word stands for ("two" -> 2, "a pair" -> 2); None for "several", "many", unknown."""
     return _load().count_values.get(normalise(word))
+
+
+def colour_values() -> dict[str, tuple[int, int, int]]:
+    """Typical sRGB of the basic colour words (``gray`` and ``grey`` alike)."""
+    return dict(_load().rgb)
 
 
 def markers(name: str) -> tuple[str, ...]:

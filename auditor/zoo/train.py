@@ -37,17 +37,22 @@ def log(msg: str, logfile: Path) -> None:
         f.write(line + "\n")
 
 
-def batch(seed: int, step: int, n: int, defects: bool = False, focus: float = 0.0, positioned: int = 0):
+def batch(seed: int, step: int, n: int, defects: bool = False, focus: float = 0.0, positioned: int = 0,
+          pairs: int = 0):
     """``n`` training samples; with ``focus``, that share of the batch is drawn (by rejection) from prompts that a
     planted defect affects, cycling through the defects so the rare ones are learned too; the first ``positioned``
-    samples are drawn from prompts that name a position."""
+    samples are drawn from prompts that name a position, the next ``pairs`` from two-object prompts."""
     rng = np.random.default_rng([seed, step])
     samples = []
     while len(samples) < positioned:
         s = sample(rng, "train", defects=defects)
         if any(m.position_named for m in s.mentions):
             samples.append(s)
-    samples += [sample(rng, "train", defects=defects) for _ in range(n - int(n * focus) - positioned)]
+    while len(samples) < positioned + pairs:
+        s = sample(rng, "train", defects=defects)
+        if s.kind == "pair":
+            samples.append(s)
+    samples += [sample(rng, "train", defects=defects) for _ in range(n - int(n * focus) - positioned - pairs)]
     for i in range(int(n * focus)):
         want = sorted(DEFECTS)[(step * n + i) % len(DEFECTS)]
         s = sample(rng, "train", defects=defects)
@@ -122,7 +127,7 @@ class EMA:
 
 
 def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=None, defects=False, focus=0.0,
-                   offset_noise=0.0, schedule=None, high_t=0.0, high_t_from=0.7):
+                   offset_noise=0.0, schedule=None, high_t=0.0, high_t_from=0.7, pairs=0.0, object_weight=0.0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -159,7 +164,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         for g in opt.param_groups:
             g["lr"] = cur
         hi = int(batch_size * high_t)
-        x, prompts = batch(seed, step, batch_size, defects, focus, positioned=hi)
+        x, prompts = batch(seed, step, batch_size, defects, focus, positioned=hi, pairs=int(batch_size * pairs))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         drop = torch.rand(len(prompts), generator=g) < 0.1
@@ -182,7 +187,14 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
             target = a.sqrt() * noise - (1 - a).sqrt() * z
         else:
             target = noise
-        loss = F.mse_loss(pred, target)
+        if object_weight:
+            # A small object is ~4% of the image: under a uniform loss, leaving the second object of a pair out
+            # costs little. Weigh latent pixels under an object (any pixel off the background colour) more.
+            obj = (x - x[:, :, :1, :1]).abs().sum(1, keepdim=True).gt(0.05).float()
+            w = 1 + object_weight * F.adaptive_max_pool2d(obj, z.shape[-2:])
+            loss = (w * (pred - target) ** 2).mean() / w.mean()
+        else:
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -232,7 +244,7 @@ def export(out: Path, vae, text, unet, card: dict, schedule=None) -> None:
     tmp.replace(out)
 
 
-NOT_RECIPE = ("threads", "export_to")  # how or where a run goes, not what it trains
+NOT_RECIPE = ("threads", "export_to", "work")  # how or where a run goes, not what it trains
 
 
 def recipe_command(ap: argparse.ArgumentParser, args: argparse.Namespace, **effective) -> str:
@@ -280,7 +292,12 @@ def parser() -> argparse.ArgumentParser:
                          "T), where the noisy latent no longer shows the layout and only the words say where objects "
                          "go (0: off; see docs/benchmarks.md, position probes)")
     ap.add_argument("--high-t-from", type=float, default=0.7)
+    ap.add_argument("--pairs", type=float, default=0.0,
+                    help="share of each batch drawn from two-object prompts (after the --high-t share)")
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="weigh the loss under objects 1 + this (0: uniform), so a left-out object costs more")
     ap.add_argument("--export-to", default=None, help="export to this folder instead (e.g. a snapshot mid-run)")
+    ap.add_argument("--work", default=None, help="work folder (default work_zoo/<version>), for parallel runs")
     return ap
 
 
@@ -290,7 +307,7 @@ def main() -> None:
     from auditor.engine.models import resolve  # bundled name or folder, one rule with --model
 
     torch.set_num_threads(args.threads)
-    work = ROOT / "work_zoo" / args.version
+    work = Path(args.work) if args.work else ROOT / "work_zoo" / args.version
     work.mkdir(parents=True, exist_ok=True)
     logfile = work / "train.log"
     t0 = time.time()
@@ -323,7 +340,7 @@ def main() -> None:
         schedule = arch.SCHEDULE
     unet, text = train_denoiser(work, args.seed + (1 if defects else 0), steps, args.batch, lr, logfile, vae, init, defects,
                                 args.focus if defects else 0.0, args.offset_noise, schedule, args.high_t,
-                                args.high_t_from)
+                                args.high_t_from, args.pairs, args.object_weight)
     card = {
         "version": args.version,
         "seed": args.seed,
@@ -336,6 +353,8 @@ def main() -> None:
         "offset_noise": args.offset_noise,
         "high_t": args.high_t,
         "high_t_from": args.high_t_from,
+        "pairs": args.pairs,
+        "object_weight": args.object_weight,
         "schedule": schedule,
         "init": str(init.name) if init else None,
         "defects": defects,

@@ -1,0 +1,97 @@
+"""What the generated image shows under a concept's map: the diagnostics' only scores that read pixels.
+
+Attention alone cannot tell "purple" drawn purple from "purple" drawn blue (the word still attends to the object it
+describes), nor always a neglected object from a faint one (its map still has a peak somewhere). So every pixel of
+the image gets its nearest basic colour term (CIELAB distance to the lexicon's typical sRGB values), the background
+is the term most frequent along the image border, and a concept's own map weighs the pixels:
+- ``colour_share`` (colour words): the map-weighted share of the named colour among non-background pixels. A
+  healthy drawing puts the named colour under the word's map; a colour drawn as another, or not drawn, leaves none.
+- ``drawn_share`` (objects): the share of the map's peak region (weights (map / peak)^8: a pixel at half the peak
+  counts 1/256) that is not background. A drawn object's map peaks on the object; a neglected one's on empty
+  background. On an image without a plain background (a photograph) nearly every pixel is "drawn", so the score
+  stays high and never flags: the check helps where backgrounds are plain and is silent elsewhere.
+Nothing here knows a model or a palette beyond the lexicon's colour terms.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def _terms() -> tuple[tuple[str, ...], np.ndarray, dict[str, int]]:
+    """Distinct colour terms (synonyms with one value share a term), their Lab values, and word -> term."""
+    from skimage.color import rgb2lab
+
+    from auditor.lexicon import colour_values
+
+    names: list[str] = []
+    rgbs: list[tuple[int, int, int]] = []
+    word_term: dict[str, int] = {}
+    for word, rgb in colour_values().items():
+        if rgb not in rgbs:
+            rgbs.append(rgb)
+            names.append(word)
+        word_term[word] = rgbs.index(rgb)
+    lab = rgb2lab(np.array(rgbs, np.uint8)[None])[0]
+    return tuple(names), lab, word_term
+
+
+def checkable(word: str) -> bool:
+    return word.strip().lower() in _terms()[2]
+
+
+def nearest_terms(image: np.ndarray) -> np.ndarray:
+    """[H, W] index of each pixel's nearest colour term (image: [H, W, 3] uint8 RGB)."""
+    from skimage.color import rgb2lab
+
+    _, lab, _ = _terms()
+    px = rgb2lab(np.asarray(image, np.uint8)[..., :3])
+    return ((px[:, :, None, :] - lab[None, None]) ** 2).sum(-1).argmin(-1)
+
+
+PEAK_POWER = 8  # drawn_share's sharpening: on cached shapes-v2 generations, 2-16 all separate neglect; 8 best
+
+
+def _weights(raw: np.ndarray, shape: tuple[int, int], power: float = 1.0) -> np.ndarray:
+    from skimage.transform import resize
+
+    w = np.asarray(raw, np.float32) / (float(np.max(raw)) + 1e-12)
+    if w.shape != shape:  # maps may sit on a coarser grid than the image
+        w = resize(w, shape, order=1)
+    return np.clip(w, 0.0, 1.0) ** power
+
+
+def background_term(terms: np.ndarray) -> int:
+    border = np.concatenate([terms[0], terms[-1], terms[:, 0], terms[:, -1]])
+    return int(np.bincount(border, minlength=len(_terms()[0])).argmax())
+
+
+def drawn_share(raw: np.ndarray, terms: np.ndarray) -> float:
+    """Share of the map's peak region on non-background pixels (``terms``: ``nearest_terms`` of the image)."""
+    w = _weights(raw, terms.shape, PEAK_POWER)
+    total = float(w.sum())
+    return float((w * (terms != background_term(terms))).sum() / total) if total > 0 else 0.0
+
+
+def colour_scores(image: np.ndarray, raw: np.ndarray, word: str, terms: np.ndarray | None = None) -> dict | None:
+    """``colour_share`` of ``word`` under its map ``raw`` and ``drawn_colour``, the term most drawn there instead;
+    None when the lexicon has no value for the word or the background is the named colour (nothing to tell)."""
+    names, _, word_term = _terms()
+    want = word_term.get(word.strip().lower())
+    if want is None:
+        return None
+    terms = nearest_terms(image) if terms is None else terms
+    background = background_term(terms)
+    if background == want:
+        return None
+    w = _weights(raw, terms.shape)
+    fg = terms != background
+    den = float((w * fg).sum())
+    if den <= 0:
+        return {"colour_share": 0.0, "drawn_colour": names[background]}
+    per_term = np.bincount(terms[fg], weights=w[fg], minlength=len(names)) / den
+    rivals = [(per_term[i], names[i]) for i in range(len(names)) if i not in (want, background)]
+    return {"colour_share": float(per_term[want]), "drawn_colour": max(rivals)[1] if rivals else None}
