@@ -19,8 +19,10 @@ so a change to how scores are computed needs no regeneration either.
 Tuning ("healthy" concept = the oracle finds every object the prompt names, in its named colour and, when the
 prompt names a position, there): each score that flags when low gets its threshold at the ``q`` quantile of its
 distribution over healthy concepts, each that flags when high at ``1 - q``. One ``q`` for all scores, searched so
-that the share of tuning concepts with any flag is at most the target (5%): by default over *all* concepts of the
-tuning generations, the quantity an audit reports (``--population healthy``: over healthy concepts only).
+that the share of tuning concepts with any flag is at most the target (5%): by default over the *healthy* concepts
+— a false-flag rate — (``--population all``: over all concepts of the tuning generations, the quantity an audit
+reports; it counts the healthy model's real failures as false flags, and since the image-side checks flag those,
+it cannot reach 5% on shapes-v1 at any q: 5.4% with every threshold at its extreme, 2026-12-02).
 
 Defect evaluation (truth = what the oracle sees in that image, never the grammar's label):
 - star_neglected -> ``missing`` on the object "star": truth = the star's named colour is nowhere in the image;
@@ -292,6 +294,23 @@ def reflag(gen: dict, th) -> list[list[str]]:
     return [sorted({f.type for f in flags if f.concept == i}) for i in range(len(gen["concepts"]))]
 
 
+def own_failures(gens: list[dict], th) -> dict:
+    """The healthy model's real failures: per object concept (noun or colour word, linked to its grammar object),
+    whether the oracle finds that object as asked. How many failing ones get any flag (recall) and how many flags
+    fall on failing ones (precision): a flag on a model's real failure is not a false flag."""
+    tp = fp = fn = 0
+    for g in gens:
+        if "_healthy" not in g:
+            g["_healthy"] = healthy_objects(g["image"], g["sample"])
+        flags = reflag(g, th)
+        for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
+            if link is None or not (link[1] == "noun" or (link[1] == "colour" and c["role"] == "attribute")):
+                continue
+            failing, hit = not g["_healthy"][link[0]], bool(flags[ci])
+            tp, fp, fn = tp + (hit and failing), fp + (hit and not failing), fn + (failing and not hit)
+    return {"failing_concepts": tp + fn, "flagged": tp + fp, "recall": rate(tp, tp + fn), "precision": rate(tp, tp + fp)}
+
+
 def rate(k: int, n: int) -> dict:
     lo, hi = wilson(k, n)
     return {"k": k, "n": n, "rate": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)]}
@@ -402,25 +421,17 @@ def score_table(gens: list[dict]) -> list[dict]:
     return rows
 
 
-# Scores cut at their own quantile rather than the searched one: colour_share is exactly 0 for 1.7% of healthy colour
-# words on shapes-v1 (small striped objects both maps miss), so any q below that puts its cut at 0, where it can
-# never fire. Its quantile is fixed on the healthy tuning concepts; the search for q counts its flags all the same.
-OWN_QUANTILE = {"min_colour_share": 0.02}
-
-
 def thresholds_at(rows: list[dict], q: float, base):
-    """Thresholds with every score's cut at the q (low-is-bad) / 1 - q (high-is-bad) healthy quantile (or its own,
-    ``OWN_QUANTILE``)."""
+    """Thresholds with every score's cut at the q (low-is-bad) / 1 - q (high-is-bad) healthy quantile."""
     from auditor.diagnostics import SCORE_DIRECTIONS
 
     vals = {}
     for name, (score, direction, role) in SCORE_DIRECTIONS.items():
-        qs = OWN_QUANTILE.get(name, q)
         xs = np.array([r["scores"][score] for r in rows if score in r["scores"] and r["scores"][score] is not None
                        and (role is None or r["role"] == role)], float)
         if len(xs) == 0:
             continue
-        vals[name] = float(np.quantile(xs, qs if direction == "low" else 1 - qs))
+        vals[name] = float(np.quantile(xs, q if direction == "low" else 1 - q))
     return replace(base, **vals), vals
 
 
@@ -506,6 +517,7 @@ def evaluate(args) -> None:
                              "relevance_sha256": relevance.sha256}
     del lm
     res["v1_localisation"] = localisation(g1)
+    res["v1_own_failures"] = own_failures(g1, th)
     res["v1_flag_rate_by_kind"] = {kind: false_flag_rate([g for g in g1 if g["kind"] == kind], th, healthy_only=False)
                                    for kind in sorted({g["kind"] for g in g1})}
     _merge_results({"evaluation": res})
@@ -593,7 +605,7 @@ def main() -> None:
     t.add_argument("--relevance", default=None, help="relevance matrix (default: the model's bundled one)")
     t.add_argument("--n", type=int, default=400, help="tuning prompts")
     t.add_argument("--target", type=float, default=TARGET_RATE, help="flag rate of healthy tuning concepts")
-    t.add_argument("--population", choices=("all", "healthy"), default="all",
+    t.add_argument("--population", choices=("all", "healthy"), default="healthy",
                    help="concepts whose flag rate the target bounds: all tuning concepts (what an audit counts) "
                         "or only those the oracle confirms drawn as asked")
     t.add_argument("--out", default=None, help="default: auditor/thresholds.json")

@@ -202,3 +202,14 @@ def test_calibrated_file_overrides_defaults_and_keeps_provenance_out(tmp_path):
     th = load(p)
     assert th.min_peak_ratio == 0.11 and th.k == 6 and th.min_concentration == Thresholds().min_concentration
     assert load(tmp_path / "absent.json") == Thresholds()
+
+
+def test_colour_values_are_colour_words_and_synonyms_share_a_term():
+    from auditor import lexicon, pixels
+
+    values = lexicon.colour_values()
+    assert {"red", "purple", "blue"} <= set(values)
+    assert all(lexicon.lookup(w, "attribute") == "colour" for w in values)
+    img = np.full((8, 8, 3), 128, np.uint8)
+    terms = pixels.nearest_terms(img)
+    assert pixels._terms()[2]["gray"] == pixels._terms()[2]["grey"] == int(terms[0, 0])

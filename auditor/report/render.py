@@ -29,12 +29,15 @@ PDF_OPTIONS = {"dpi": 150}
 PDF_NAME = "report.pdf"
 MAP_METHODS = (("selective", "selective heads"), ("all_heads", "all heads"))
 FLAG_MEANINGS = {
-    "missing": "an object the prompt names has no region of its own in its selective map: the model most likely "
-               "did not draw it (neglected it), or drew it on top of another object",
+    "missing": "an object the prompt names has no region of its own in its selective map, or its map peaks on "
+               "empty background in the image: the model most likely did not draw it (neglected it), or drew it on "
+               "top of another object",
     "misplaced": "an attribute's attention lands on another object than the one it describes (a colour or texture "
                  "leaked to the wrong object), or an object sits away from the position or relation the prompt names",
     "misinterpreted": "a word with several readings (\"orange\": a colour or a fruit) responds most in the heads of "
-                      "a category its role in the prompt does not imply: the model read it the other way",
+                      "a category its role in the prompt does not imply: the model read it the other way; or a colour "
+                      "word's colour is not in the image where its heads and its object are (\"purple\" drawn "
+                      "blue)",
 }
 
 # The diagnostics' settings (auditor/thresholds.py), in words for the methods chapter.
@@ -48,6 +51,12 @@ THRESHOLD_MEANINGS = {
                        "side the prompt names",
     "min_category_margin": "misinterpreted when the log-ratio of the expected reading's response to the strongest "
                            "other reading's is below this",
+    "max_area": "missing when, next to another object, an object's region covers more than this share of the "
+                "image (spread over the background, not on an object)",
+    "min_drawn_share": "missing when less than this share of an object's map peak lies on drawn (non-background) "
+                       "pixels of the image",
+    "min_colour_share": "misinterpreted when less than this share of the drawn pixels under a colour word's map (or "
+                        "its object's) has that colour",
     "max_flag_rate": "a concept fails its prompt when flagged in more than this share of its seeds",
     "k": "heads per category in a selective map",
 }
