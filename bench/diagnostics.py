@@ -331,6 +331,30 @@ def false_flag_rate(gens: list[dict], th, healthy_only: bool = True) -> dict:
     return {**rate(k, n), "by_type": by_type}
 
 
+def prompt_level_scores(gens: list[dict], th, defect: str = "green_misbound", types=("misplaced",)) -> dict:
+    """A defect judged per generation rather than per word: truth = the oracle sees it anywhere in the image; hit =
+    any concept of the prompt flagged with one of ``types``. v2's green swap shows as the two objects drawn at each
+    other's places, which the audit reports on the objects ("'circle' should be on the left"), not on "green"."""
+    tp = fp = fn = tn = 0
+    for g in gens:
+        if any(d != defect for d in g["defects"]):
+            continue
+        key = f"_visible_{defect}"
+        if key not in g:
+            g[key] = dict(defect_visible(g["image"], g["sample"], defect))
+        if not g[key]:
+            continue
+        v = any(g[key].values())
+        hit = any(t in types for fl in reflag(g, th) for t in fl)
+        tp, fp, fn, tn = tp + (hit and v), fp + (hit and not v), fn + (v and not hit), tn + (not v and not hit)
+    return {"flag_types": list(types), "unit": "generation", "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+            "precision_ci95": [round(x, 4) for x in wilson(tp, tp + fp)],
+            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
+            "recall_ci95": [round(x, 4) for x in wilson(tp, tp + fn)], "visible": tp + fn,
+            "candidates": tp + fp + fn + tn}
+
+
 def defect_scores(gens: list[dict], th) -> dict:
     out = {}
     for defect, planted in [(d, d) for d in DEFECT_MAP] + list(TRUTH_VARIANTS.items()):
@@ -532,6 +556,7 @@ def evaluate(args) -> None:
     lm, relevance = load(args.model_v2, args.relevance_v2)
     g2 = generate(lm, relevance, v2_set, th, k, "v2eval")
     res["v2_defects"] = defect_scores(g2, th)
+    res["v2_defects"]["green_misbound_per_prompt"] = prompt_level_scores(g2, th)
     res["v2_relevance_sha256"] = relevance.sha256
     res["v2_prompts"] = {d: sum(1 for g in g2 if g["defects"] == [d]) for d in DEFECT_MAP}
     res["v2_prompts"]["controls"] = sum(1 for g in g2 if not g["defects"])
@@ -545,6 +570,7 @@ def evaluate(args) -> None:
         for q in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5):
             thq, _ = thresholds_at(rows, q, th)
             d = defect_scores(g2, thq)
+            d["green_misbound_per_prompt"] = prompt_level_scores(g2, thq)
             curve.append({"q": q, "v1_flag_rate_all": false_flag_rate(g1, thq, False)["rate"],
                           **{name: {"precision": v["precision"], "recall": v["recall"]} for name, v in d.items()}})
         res["tradeoff"] = curve
