@@ -32,7 +32,10 @@ Defect evaluation (truth = what the oracle sees in that image, never the grammar
   object's named place, whatever is drawn at its own;
 - purple_as_blue -> any flag on the attribute "purple" (which type fires, if any, is reported): truth = no purple
   region and a blue one where the purple object was asked (at its named position, if any); purple_absent (looser):
-  no purple region there, whatever is drawn instead.
+  no purple region there, whatever is drawn instead;
+- green_misbound per generation (``prompt_level_scores``): truth = the swap is seen anywhere in the image; hit = a
+  ``misplaced`` flag on any concept of the prompt (v2 draws the swap as the objects at each other's places, and the
+  audit says so on the objects).
 For a defect: candidates = every concept with the defect's word in the defect's role (the noun "star"; the colour
 word "green" / "purple"), in v2 generations of prompts the defect affects and of control prompts that name the
 word without being affected (every named purple is affected: no purple controls); prompts another defect touches
@@ -347,12 +350,18 @@ def prompt_level_scores(gens: list[dict], th, defect: str = "green_misbound", ty
         v = any(g[key].values())
         hit = any(t in types for fl in reflag(g, th) for t in fl)
         tp, fp, fn, tn = tp + (hit and v), fp + (hit and not v), fn + (v and not hit), tn + (not v and not hit)
-    return {"flag_types": list(types), "unit": "generation", "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-            "precision": round(tp / (tp + fp), 4) if tp + fp else None,
+    return {"flag_types": list(types), "unit": "generation", **confusion(tp, fp, fn, tn)}
+
+
+def confusion(tp: int, fp: int, fn: int, tn: int) -> dict:
+    """Counts, precision and recall with Wilson 95% intervals."""
+    p, r = (tp / (tp + fp) if tp + fp else None), (tp / (tp + fn) if tp + fn else None)
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn,
+            "precision": round(p, 4) if p is not None else None,
             "precision_ci95": [round(x, 4) for x in wilson(tp, tp + fp)],
-            "recall": round(tp / (tp + fn), 4) if tp + fn else None,
-            "recall_ci95": [round(x, 4) for x in wilson(tp, tp + fn)], "visible": tp + fn,
-            "candidates": tp + fp + fn + tn}
+            "recall": round(r, 4) if r is not None else None,
+            "recall_ci95": [round(x, 4) for x in wilson(tp, tp + fn)],
+            "visible": tp + fn, "candidates": tp + fp + fn + tn}
 
 
 def defect_scores(gens: list[dict], th) -> dict:
@@ -386,13 +395,7 @@ def defect_scores(gens: list[dict], th) -> dict:
                 if v:
                     for t in flags[ci]:
                         by_type_on_visible[t] = by_type_on_visible.get(t, 0) + 1
-        p, r = (tp / (tp + fp) if tp + fp else None), (tp / (tp + fn) if tp + fn else None)
-        out[defect] = {"flag_types": list(types), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-                       "precision": round(p, 4) if p is not None else None,
-                       "precision_ci95": [round(x, 4) for x in wilson(tp, tp + fp)],
-                       "recall": round(r, 4) if r is not None else None,
-                       "recall_ci95": [round(x, 4) for x in wilson(tp, tp + fn)],
-                       "visible": tp + fn, "candidates": tp + fp + fn + tn,
+        out[defect] = {"flag_types": list(types), **confusion(tp, fp, fn, tn),
                        "flag_types_on_visible": by_type_on_visible}
     return out
 
