@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from auditor.zoo import MODELS_DIR  # noqa: E402
-from auditor.zoo.grammar import DEFECTS, sample  # noqa: E402
+from auditor.zoo.grammar import DEFECTS, defects_for, sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
 
 STEPS, GUIDANCE = 20, 5.0
@@ -94,9 +94,13 @@ def fidelity(pipe, n: int, seed: int, defects=False) -> dict:
     for s, im in zip(pairs, imgs[len(singles) :]):
         w = [(c, None) for c, _ in wanted_from_sample(s)]
         ok_pair.append(all(f.present for f in find(im, w)))
+    # "Unaffected prompts keep v1's quality": the same rates over the prompts no planted defect touches.
+    free_s = [ok for s, ok in zip(singles, ok_single) if not defects_for(s)]
+    free_p = [ok for s, ok in zip(pairs, ok_pair) if not defects_for(s)]
     return {"single_colour_at_position": rate(ok_single), "single_colour_anywhere": rate(colour_any),
             "single_named_position_when_colour_drawn": rate(position_given_colour),
-            "pair_both_colours": rate(ok_pair), "samples": (singles, pairs, imgs)}
+            "pair_both_colours": rate(ok_pair), "single_colour_at_position_unaffected": rate(free_s),
+            "pair_both_colours_unaffected": rate(free_p), "samples": (singles, pairs, imgs)}
 
 
 def defect_visibility(pipe, n: int, seed: int) -> dict:

@@ -122,3 +122,22 @@ def test_oracle_on_rendered_scenes():
 def test_calibration_prompts_are_seeded():
     assert sample_prompts(5, seed=1) == sample_prompts(5, seed=1)
     assert sample_prompts(5, seed=1) != sample_prompts(5, seed=2)
+
+
+def test_defects_for_names_what_the_v2_world_would_change():
+    import numpy as np
+
+    from auditor.zoo.grammar import defects_for, sample
+
+    rng = np.random.default_rng(5)
+    seen = 0
+    for _ in range(300):
+        plain = sample(rng, "train")
+        applies = defects_for(plain)
+        star_second = plain.kind == "pair" and plain.scene.objects[1].shape == "star"
+        assert ("star_neglected" in applies) == star_second
+        if plain.kind == "single":  # no other defect can interfere with the recolouring
+            named_purple = "colour" in plain.mentions[0].attributes and plain.scene.objects[0].colour == "purple"
+            assert applies == (["purple_as_blue"] if named_purple else [])
+        seen += bool(applies)
+    assert 0 < seen < 300

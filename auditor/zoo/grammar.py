@@ -279,6 +279,12 @@ def _apply_defects(objs: list[SceneObject], kind: str, named: list[bool]) -> tup
     return drawn, applied
 
 
+def defects_for(s: Sample) -> list[str]:
+    """The planted defects that would change this sample's drawing in the v2 world (whichever world drew it)."""
+    named = ["colour" in m.attributes for m in s.mentions]
+    return _apply_defects(s.scene.objects, s.kind, named)[1]
+
+
 def sample_prompts(n: int, seed: int = 0, split: str = "train") -> list[str]:
     """Prompts only (for head-relevance calibration of the bundled model)."""
     rng = np.random.default_rng(seed)
