@@ -261,8 +261,12 @@ def to_text(comparison: dict) -> str:
              f"{len(c['improvements'])} improvements; fidelity {c['overall']['fidelity_a']:.1%} -> "
              f"{c['overall']['fidelity_b']:.1%}"]
     for r in c["regressions"]:
-        what = (f"{r['prompt_id']}: {r['concept']}" if r["level"] == "concept" else
-                f"tag {r['tag']} ({r['prompts']} prompt{'s' if r['prompts'] != 1 else ''})" if r["level"] == "tag" else f"category {r['category']}")
+        if r["level"] == "concept":
+            what = f"{r['prompt_id']}: {r['concept']}"
+        elif r["level"] == "tag":
+            what = f"tag {r['tag']} ({r['prompts']} prompt{'s' if r['prompts'] != 1 else ''})"
+        else:
+            what = f"category {r['category']}"
         lines.append(f"  regression  {what}  flag rate {r['rate_a']:.0%} -> {r['rate_b']:.0%}  "
                      f"(broken {r['broken']}, fixed {r['fixed']}, McNemar p={r['p']:.3g})")
     lines.append(f"heads: {c['heads']['note']}")

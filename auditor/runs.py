@@ -93,7 +93,7 @@ def scored_concepts(concepts) -> list:
 
 def generation_record(tr, concepts, relevance, th: Thresholds, k: int, image=None) -> tuple[list[dict], dict, dict]:
     """Maps, scores and flags of every scored concept of one traced generation (``image``, the generated one, for
-    the colour check of colour words).
+    the image-side scores: is a colour word's colour drawn, does an object's map peak on anything drawn).
 
     Returns (concept records, maps {"<i>_<method>": raw map}, normalised maps for overlays). Attribute bindings
     (``binds_to``) index this list, so a record stands on its own."""
