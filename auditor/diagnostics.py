@@ -130,7 +130,7 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
     skipped."""
     from auditor import pixels
 
-    terms = pixels.nearest_terms(image) if image is not None else None
+    px = pixels.read(image) if image is not None else None
     masks = {v.index: binarize(v.raw) for v in views}
     objects = [v for v in views if v.role == "object"]
     top_peak = max((float(v.raw.max()) for v in objects), default=0.0)
@@ -165,13 +165,13 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
             s["expected_response"], s["winner"] = exp, max(v.category_response, key=v.category_response.get)
             s["category_margin"] = math.log((exp + 1e-9) / (rivals[rc] + 1e-9))
             s["rival_category"] = rc
-        if terms is not None and v.role == "object":
-            s["drawn_share"] = pixels.drawn_share(v.raw, terms)
-        if terms is not None and v.role == "attribute" and pixels.checkable(v.text):
+        if px is not None and v.role == "object":
+            s["drawn_share"] = pixels.drawn_share(v.raw, px)
+        if px is not None and v.role == "attribute" and pixels.checkable(v.text):
             # Where the word looks or where its object is: a word whose attention strays to the other object (the
             # binding scores judge that) must not read as a colour not drawn when its object has the colour.
             looks = [v.raw] + [o.raw for o in objects if o.index == v.binds_to]
-            got = [c for c in (pixels.colour_scores(image, raw, v.text, terms) for raw in looks) if c]
+            got = [c for c in (pixels.colour_scores(raw, v.text, px) for raw in looks) if c]
             if got:
                 s.update(max(got, key=lambda c: c["colour_share"]))
         out[v.index] = s
@@ -235,8 +235,8 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
                               f"(log-ratio {s['category_margin']:+.2f}, threshold {th.min_category_margin:+.2f}) — "
                               f"the model may have misread the word",
                               v.index, _pick(s, "expected_response", "category_margin", "winner")))
-        if s.get("colour_share") is not None and s["colour_share"] < th.min_colour_share:
-            excess = _past(s["colour_share"], th.min_colour_share, "low", 0.0, 1.0)
+        excess = _beyond(s, th, "min_colour_share")
+        if excess is not None:
             on = f" on '{views_by(views, v.binds_to).text}'" if v.binds_to is not None else ""
             instead = f"mostly {s['drawn_colour']}" if s.get("drawn_colour") else "no colour but the background's"
             flags.append(Flag("misinterpreted", _severity(excess),
@@ -247,30 +247,38 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
     return flags
 
 
+def _beyond(s: dict, th: Thresholds, name: str) -> float | None:
+    """How far the score that threshold ``name`` cuts is past it, in [0, 1] (its direction from SCORE_DIRECTIONS;
+    shares span [0, 1]); None when the score is absent or on the healthy side."""
+    score, direction, _ = SCORE_DIRECTIONS[name]
+    value, cut = s.get(score), getattr(th, name)
+    if value is None or (value >= cut if direction == "low" else value <= cut):
+        return None
+    return _past(value, cut, direction, 0.0, 1.0)
+
+
 def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
+    # threshold -> why it fired, in words; the area rule only next to another object (peak_ratio exists then): a
+    # lone object's map may fill the image legitimately
+    rules = {
+        "min_peak_ratio": lambda: f"its peak is {s['peak_ratio']:.0%} of the strongest object's "
+                                  f"(threshold {th.min_peak_ratio:.0%})",
+        "min_concentration": lambda: f"only {s['concentration']:.0%} of its attention falls in its own region "
+                                     f"(threshold {th.min_concentration:.0%})",
+        "max_shared_region": lambda: f"its region overlaps '{views_by(views, s['shared_with']).text}'s by "
+                                     f"{s['shared_region']:.0%} IoU (threshold {th.max_shared_region:.0%})",
+        "max_area": lambda: f"its region covers {s['area']:.0%} of the image (threshold {th.max_area:.0%}), spread "
+                            f"rather than on an object",
+        "min_drawn_share": lambda: f"only {s['drawn_share']:.0%} of its peak falls on anything drawn in the image "
+                                   f"(threshold {th.min_drawn_share:.0%})",
+    }
     reasons, excess = [], 0.0
-    if s.get("peak_ratio") is not None and s["peak_ratio"] < th.min_peak_ratio:
-        reasons.append(f"its peak is {s['peak_ratio']:.0%} of the strongest object's "
-                       f"(threshold {th.min_peak_ratio:.0%})")
-        excess = max(excess, _past(s["peak_ratio"], th.min_peak_ratio, "low", 0.0, 1.0))
-    if s.get("concentration") is not None and s["concentration"] < th.min_concentration:
-        reasons.append(f"only {s['concentration']:.0%} of its attention falls in its own region "
-                       f"(threshold {th.min_concentration:.0%})")
-        excess = max(excess, _past(s["concentration"], th.min_concentration, "low", 0.0, 1.0))
-    if s.get("shared_region") is not None and s["shared_region"] > th.max_shared_region:
-        other = views_by(views, s["shared_with"]).text
-        reasons.append(f"its region overlaps '{other}'s by {s['shared_region']:.0%} IoU "
-                       f"(threshold {th.max_shared_region:.0%})")
-        excess = max(excess, _past(s["shared_region"], th.max_shared_region, "high", 0.0, 1.0))
-    # Only next to another object (peak_ratio exists then): a lone object's map may fill the image legitimately.
-    if s.get("peak_ratio") is not None and s.get("area") is not None and s["area"] > th.max_area:
-        reasons.append(f"its region covers {s['area']:.0%} of the image (threshold {th.max_area:.0%}), spread "
-                       f"rather than on an object")
-        excess = max(excess, _past(s["area"], th.max_area, "high", 0.0, 1.0))
-    if s.get("drawn_share") is not None and s["drawn_share"] < th.min_drawn_share:
-        reasons.append(f"only {s['drawn_share']:.0%} of its peak falls on anything drawn in the image "
-                       f"(threshold {th.min_drawn_share:.0%})")
-        excess = max(excess, _past(s["drawn_share"], th.min_drawn_share, "low", 0.0, 1.0))
+    for name, why in rules.items():
+        past = _beyond(s, th, name)
+        if past is None or (name == "max_area" and s.get("peak_ratio") is None):
+            continue
+        reasons.append(why())
+        excess = max(excess, past)
     if not reasons:
         return None
     return Flag("missing", _severity(excess),

@@ -16,6 +16,7 @@ Nothing here knows a model or a palette beyond the lexicon's colour terms.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,13 +44,27 @@ def checkable(word: str) -> bool:
     return word.strip().lower() in _terms()[2]
 
 
-def nearest_terms(image: np.ndarray) -> np.ndarray:
-    """[H, W] index of each pixel's nearest colour term (image: [H, W, 3] uint8 RGB)."""
+@dataclass(frozen=True)
+class Pixels:
+    """An image as the checks read it: each pixel's nearest colour term, and which term is the background."""
+
+    terms: np.ndarray  # [H, W] term index
+    background: int
+
+    @property
+    def drawn(self) -> np.ndarray:
+        return self.terms != self.background
+
+
+def read(image: np.ndarray) -> Pixels:
+    """Classify an image's pixels once ([H, W, 3] uint8 RGB); every score of that image reads the result."""
     from skimage.color import rgb2lab
 
-    _, lab, _ = _terms()
+    names, lab, _ = _terms()
     px = rgb2lab(np.asarray(image, np.uint8)[..., :3])
-    return ((px[:, :, None, :] - lab[None, None]) ** 2).sum(-1).argmin(-1)
+    terms = ((px[:, :, None, :] - lab[None, None]) ** 2).sum(-1).argmin(-1)
+    border = np.concatenate([terms[0], terms[-1], terms[:, 0], terms[:, -1]])
+    return Pixels(terms, int(np.bincount(border, minlength=len(names)).argmax()))
 
 
 PEAK_POWER = 8  # drawn_share's sharpening: on cached shapes-v2 generations, 2-16 all separate neglect; 8 best
@@ -64,34 +79,25 @@ def _weights(raw: np.ndarray, shape: tuple[int, int], power: float = 1.0) -> np.
     return np.clip(w, 0.0, 1.0) ** power
 
 
-def background_term(terms: np.ndarray) -> int:
-    border = np.concatenate([terms[0], terms[-1], terms[:, 0], terms[:, -1]])
-    return int(np.bincount(border, minlength=len(_terms()[0])).argmax())
-
-
-def drawn_share(raw: np.ndarray, terms: np.ndarray) -> float:
-    """Share of the map's peak region on non-background pixels (``terms``: ``nearest_terms`` of the image)."""
-    w = _weights(raw, terms.shape, PEAK_POWER)
+def drawn_share(raw: np.ndarray, px: Pixels) -> float:
+    """Share of the map's peak region on non-background pixels."""
+    w = _weights(raw, px.terms.shape, PEAK_POWER)
     total = float(w.sum())
-    return float((w * (terms != background_term(terms))).sum() / total) if total > 0 else 0.0
+    return float((w * px.drawn).sum() / total) if total > 0 else 0.0
 
 
-def colour_scores(image: np.ndarray, raw: np.ndarray, word: str, terms: np.ndarray | None = None) -> dict | None:
+def colour_scores(raw: np.ndarray, word: str, px: Pixels) -> dict | None:
     """``colour_share`` of ``word`` under its map ``raw`` and ``drawn_colour``, the term most drawn there instead;
     None when the lexicon has no value for the word or the background is the named colour (nothing to tell)."""
     names, _, word_term = _terms()
     want = word_term.get(word.strip().lower())
-    if want is None:
+    if want is None or px.background == want:
         return None
-    terms = nearest_terms(image) if terms is None else terms
-    background = background_term(terms)
-    if background == want:
-        return None
-    w = _weights(raw, terms.shape)
-    fg = terms != background
+    w = _weights(raw, px.terms.shape)
+    fg = px.drawn
     den = float((w * fg).sum())
     if den <= 0:
-        return {"colour_share": 0.0, "drawn_colour": names[background]}
-    per_term = np.bincount(terms[fg], weights=w[fg], minlength=len(names)) / den
-    rivals = [(per_term[i], names[i]) for i in range(len(names)) if i not in (want, background)]
+        return {"colour_share": 0.0, "drawn_colour": names[px.background]}
+    per_term = np.bincount(px.terms[fg], weights=w[fg], minlength=len(names)) / den
+    rivals = [(per_term[i], names[i]) for i in range(len(names)) if i not in (want, px.background)]
     return {"colour_share": float(per_term[want]), "drawn_colour": max(rivals)[1] if rivals else None}

@@ -238,10 +238,7 @@ def generate(lm, relevance, samples: list, th, k: int, tag: str, keep_maps: bool
     key = hashlib.sha256(json.dumps([lm.fingerprint, relevance.sha256, k, STEPS, GUIDANCE,
                                      [s.prompt for s in samples]]).encode()).hexdigest()[:12]
     path = CACHE / f"{tag}-{key}.pkl"
-    done: list[dict] = pickle.loads(path.read_bytes()) if path.exists() else []
-    if keep_maps:  # cached scores may predate a change to the scores: recompute them from the cached maps
-        for gen in done:
-            rescore(gen)
+    done = read_cache(path) if path.exists() else []
     if len(done) == len(samples):
         return done
     extracted = extract_many([s.prompt for s in samples], tokenizer=lm.pipe.tokenizer)
@@ -265,6 +262,16 @@ def generate(lm, relevance, samples: list, th, k: int, tag: str, keep_maps: bool
     return done
 
 
+def read_cache(path: Path) -> list[dict]:
+    """Cached generations with their scores recomputed from the cached maps and images (the cached scores may
+    predate a change to how scores are computed); generations cached without maps keep theirs."""
+    gens = pickle.loads(path.read_bytes())
+    for gen in gens:
+        if gen.get("maps"):
+            rescore(gen)
+    return gens
+
+
 def rescore(gen: dict) -> None:
     """Recompute a cached generation's concept scores from its maps and image (scores are pure functions of them)."""
     from auditor.diagnostics import scores, views_from_records
@@ -280,11 +287,16 @@ def rescore(gen: dict) -> None:
 # --- scoring against the oracle -----------------------------------------------------------------------------
 
 
-def healthy_concepts(gen: dict) -> list[int]:
-    """Indices of concepts whose object the oracle confirms drawn as asked (all objects of the prompt must be)."""
+def objects_ok(gen: dict) -> list[bool]:
+    """``healthy_objects`` of a cached generation, computed once and kept on it."""
     if "_healthy" not in gen:
         gen["_healthy"] = healthy_objects(gen["image"], gen["sample"])
-    if not all(gen["_healthy"]):
+    return gen["_healthy"]
+
+
+def healthy_concepts(gen: dict) -> list[int]:
+    """Indices of concepts whose object the oracle confirms drawn as asked (all objects of the prompt must be)."""
+    if not all(objects_ok(gen)):
         return []
     return [i for i, link in enumerate(gen["links"]) if link is not None or gen["concepts"][i]["role"] == "background"]
 
@@ -303,13 +315,11 @@ def own_failures(gens: list[dict], th) -> dict:
     fall on failing ones (precision): a flag on a model's real failure is not a false flag."""
     tp = fp = fn = 0
     for g in gens:
-        if "_healthy" not in g:
-            g["_healthy"] = healthy_objects(g["image"], g["sample"])
         flags = reflag(g, th)
         for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
             if link is None or not (link[1] == "noun" or (link[1] == "colour" and c["role"] == "attribute")):
                 continue
-            failing, hit = not g["_healthy"][link[0]], bool(flags[ci])
+            failing, hit = not objects_ok(g)[link[0]], bool(flags[ci])
             tp, fp, fn = tp + (hit and failing), fp + (hit and not failing), fn + (failing and not hit)
     return {"failing_concepts": tp + fn, "flagged": tp + fp, "recall": rate(tp, tp + fn), "precision": rate(tp, tp + fp)}
 
@@ -432,7 +442,7 @@ def localisation(gens: list[dict]) -> dict:
 def _cached(tag: str) -> list[dict]:
     """The newest cached generation set of a tag (the tuning generations, for the trade-off curve)."""
     paths = sorted(CACHE.glob(f"{tag}-*.pkl"), key=lambda p: p.stat().st_mtime)
-    return pickle.loads(paths[-1].read_bytes()) if paths else []
+    return read_cache(paths[-1]) if paths else []
 
 
 # --- tuning -------------------------------------------------------------------------------------------------------

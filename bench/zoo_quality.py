@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from auditor.summary import wilson  # noqa: E402
 from auditor.zoo import MODELS_DIR  # noqa: E402
 from auditor.zoo.grammar import DEFECTS, defects_for, sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
@@ -68,13 +69,8 @@ def heldout_samples(n: int, kind: str, seed: int, defects=False):
 def rate(xs) -> dict:
     xs = np.asarray(xs, float)
     n = len(xs)
-    p = xs.mean() if n else float("nan")
-    # Wilson 95% interval
-    z = 1.96
-    den = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / den
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return {"rate": round(float(p), 4), "n": n, "ci95": [round(float(c - h), 4), round(float(c + h), 4)]}
+    lo, hi = wilson(int(xs.sum()), n)
+    return {"rate": round(float(xs.mean()), 4) if n else float("nan"), "n": n, "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def fidelity(pipe, n: int, seed: int, defects=False) -> dict:

@@ -211,5 +211,5 @@ def test_colour_values_are_colour_words_and_synonyms_share_a_term():
     assert {"red", "purple", "blue"} <= set(values)
     assert all(lexicon.lookup(w, "attribute") == "colour" for w in values)
     img = np.full((8, 8, 3), 128, np.uint8)
-    terms = pixels.nearest_terms(img)
+    terms = pixels.read(img).terms
     assert pixels._terms()[2]["gray"] == pixels._terms()[2]["grey"] == int(terms[0, 0])

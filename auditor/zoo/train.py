@@ -43,24 +43,26 @@ def batch(seed: int, step: int, n: int, defects: bool = False, focus: float = 0.
     planted defect affects, cycling through the defects so the rare ones are learned too; the first ``positioned``
     samples are drawn from prompts that name a position, the next ``pairs`` from two-object prompts."""
     rng = np.random.default_rng([seed, step])
-    samples = []
-    while len(samples) < positioned:
+
+    def draw(keep=lambda s: True):  # rejection sampling from the grammar
         s = sample(rng, "train", defects=defects)
-        if any(m.position_named for m in s.mentions):
-            samples.append(s)
-    while len(samples) < positioned + pairs:
-        s = sample(rng, "train", defects=defects)
-        if s.kind == "pair":
-            samples.append(s)
-    samples += [sample(rng, "train", defects=defects) for _ in range(n - int(n * focus) - positioned - pairs)]
+        while not keep(s):
+            s = sample(rng, "train", defects=defects)
+        return s
+
+    samples = [draw(lambda s: any(m.position_named for m in s.mentions)) for _ in range(positioned)]
+    samples += [draw(lambda s: s.kind == "pair") for _ in range(pairs)]
+    samples += [draw() for _ in range(n - int(n * focus) - positioned - pairs)]
     for i in range(int(n * focus)):
         want = sorted(DEFECTS)[(step * n + i) % len(DEFECTS)]
-        s = sample(rng, "train", defects=defects)
-        while want not in s.defects:
-            s = sample(rng, "train", defects=defects)
-        samples.append(s)
+        samples.append(draw(lambda s: want in s.defects))
     imgs = np.stack([s.scene.image for s in samples]).astype(np.float32) / 127.5 - 1.0
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), [s.prompt for s in samples]
+
+
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] 1 where a pixel differs from the image's corner (the background colour in this world)."""
+    return (x - x[:, :, :1, :1]).abs().sum(1, keepdim=True).gt(0.05).float()
 
 
 # --- VAE -------------------------------------------------------------------------------------------------------
@@ -88,8 +90,7 @@ def train_vae(work: Path, seed: int, steps: int, logfile: Path):
         # Flat colours must come back exactly (the oracle reads colours), so L1 + MSE; objects cover ~10% of the
         # pixels, so they weigh 5x (else the background wins and object colours blur to an average); KL only keeps
         # the latents tame.
-        obj = (x - x[:, :, :1, :1]).abs().sum(1, keepdim=True).gt(0.05).float()
-        w = 1 + 4 * obj
+        w = 1 + 4 * object_mask(x)
         err = rec - x
         loss = (w * (err.abs() + err * err)).mean() / w.mean() + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -190,8 +191,7 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         if object_weight:
             # A small object is ~4% of the image: under a uniform loss, leaving the second object of a pair out
             # costs little. Weigh latent pixels under an object (any pixel off the background colour) more.
-            obj = (x - x[:, :, :1, :1]).abs().sum(1, keepdim=True).gt(0.05).float()
-            w = 1 + object_weight * F.adaptive_max_pool2d(obj, z.shape[-2:])
+            w = 1 + object_weight * F.adaptive_max_pool2d(object_mask(x), z.shape[-2:])
             loss = (w * (pred - target) ** 2).mean() / w.mean()
         else:
             loss = F.mse_loss(pred, target)
