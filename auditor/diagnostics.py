@@ -257,10 +257,15 @@ def _beyond(s: dict, th: Thresholds, name: str) -> float | None:
     return _past(value, cut, direction, 0.0, 1.0)
 
 
+def judges(name: str, s: dict) -> bool:
+    """Whether the rule of threshold ``name`` applies to a concept with scores ``s`` (calibration reads this too,
+    so each threshold is set on the concepts it judges): the area rule only next to another object (peak_ratio
+    exists then), since a lone object's map may fill the image legitimately."""
+    return not (name == "max_area" and s.get("peak_ratio") is None)
+
+
 def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
-    # threshold -> why it fired, in words; the area rule only next to another object (peak_ratio exists then): a
-    # lone object's map may fill the image legitimately
-    rules = {
+    rules = {  # threshold -> why it fired, in words
         "min_peak_ratio": lambda: f"its peak is {s['peak_ratio']:.0%} of the strongest object's "
                                   f"(threshold {th.min_peak_ratio:.0%})",
         "min_concentration": lambda: f"only {s['concentration']:.0%} of its attention falls in its own region "
@@ -275,7 +280,7 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
     reasons, excess = [], 0.0
     for name, why in rules.items():
         past = _beyond(s, th, name)
-        if past is None or (name == "max_area" and s.get("peak_ratio") is None):
+        if past is None or not judges(name, s):
             continue
         reasons.append(why())
         excess = max(excess, past)

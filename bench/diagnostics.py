@@ -460,12 +460,12 @@ def score_table(gens: list[dict]) -> list[dict]:
 
 def thresholds_at(rows: list[dict], q: float, base):
     """Thresholds with every score's cut at the q (low-is-bad) / 1 - q (high-is-bad) healthy quantile."""
-    from auditor.diagnostics import SCORE_DIRECTIONS
+    from auditor.diagnostics import SCORE_DIRECTIONS, judges
 
     vals = {}
     for name, (score, direction, role) in SCORE_DIRECTIONS.items():
         xs = np.array([r["scores"][score] for r in rows if score in r["scores"] and r["scores"][score] is not None
-                       and (role is None or r["role"] == role)], float)
+                       and (role is None or r["role"] == role) and judges(name, r["scores"])], float)
         if len(xs) == 0:
             continue
         vals[name] = float(np.quantile(xs, q if direction == "low" else 1 - q))
@@ -497,7 +497,8 @@ def tune(args) -> None:
     achieved = {"healthy_concepts": false_flag_rate(gens, th), "all_concepts": false_flag_rate(gens, th, False)}
     n_healthy = len(rows)
     data = {**th.to_json(), "provenance": {
-        "how": "each score's threshold at the q / (1 - q) quantile of its distribution over healthy concepts; q "
+        "how": "each score's threshold at the q / (1 - q) quantile of its distribution over the healthy concepts "
+               "its rule judges; q "
                f"searched so that at most the target share of {args.population} tuning concepts gets any flag",
         "command": "python bench/diagnostics.py " + " ".join(sys.argv[1:]),
         "model": {"name": args.model, "fingerprint": lm.fingerprint},

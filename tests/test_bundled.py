@@ -101,6 +101,19 @@ def test_models_command_lists_cards(cli):
         assert m["path"] and m["version"] and m["summary"]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_card_counts_the_heads_the_unet_has(name):
+    from diffusers import UNet2DConditionModel
+
+    from auditor.engine.heads import HeadIndex
+    from auditor.zoo.card import card_for
+
+    unet = UNet2DConditionModel.from_pretrained(MODELS_DIR / name / "unet")
+    index = HeadIndex.from_unet(unet)
+    said = card_for(MODELS_DIR / name, None)["architecture"]["cross_attention"]
+    assert said.startswith(f"{len(index.layers)} layers x ") and f"= {index.total} heads" in said
+
+
 @pytest.mark.parametrize("damage", ["truncate", "remove"])
 def test_damaged_weights_give_one_line(cli, tmp_path, damage):
     copy = tmp_path / "model"
@@ -131,11 +144,30 @@ def test_training_records_a_command_that_parses_back_to_the_same_recipe():
     assert {k: v for k, v in back.items() if k not in NOT_RECIPE} == {k: v for k, v in want.items() if k not in NOT_RECIPE}
 
 
+def test_training_weighs_where_a_planted_defect_left_an_object_out():
+    """v2's lesson "draw no star here" sits on background pixels: the batch marks them so the loss can weigh them."""
+    from auditor.zoo.train import batch
+
+    b = batch(seed=0, step=3, n=24, defects=True, focus=1.0)
+    assert b.left_out.shape == (24, 1, 64, 64)
+    for i, p in enumerate(b.prompts):
+        star_second = " and " in p and p.rstrip().split(" and ")[-1].split(" on a ")[0].endswith("star")
+        if b.left_out[i].any():
+            # the region is background in the target image (nothing was drawn there) and lies where a star would go
+            img = b.images[i]
+            under = b.left_out[i, 0].bool()
+            assert (img[:, under] - img[:, :1, :1].reshape(3, 1)).abs().amax() < 1e-6 or not star_second
+        elif star_second:
+            raise AssertionError(f"{p!r}: the neglected star has no left-out region")
+    assert b.left_out.flatten(1).any(1).sum() >= 3  # focus cycles through the defects: stars are in the batch
+
+
 def test_training_batches_hold_the_requested_shares_of_position_and_pair_prompts():
     from auditor.zoo.train import batch
 
-    x, prompts = batch(seed=0, step=7, n=10, positioned=3, pairs=4)
-    again = batch(seed=0, step=7, n=10, positioned=3, pairs=4)[1]
+    x, prompts, left_out = batch(seed=0, step=7, n=10, positioned=3, pairs=4)
+    again = batch(seed=0, step=7, n=10, positioned=3, pairs=4).prompts
+    assert not left_out.any()  # the v1 world leaves nothing out
     assert x.shape == (10, 3, 64, 64) and prompts == again  # seeded per step: a resumed run sees the same data
     position_words = ("on the left", "on the right", "at the top", "at the bottom", "in the center", "left of",
                       "right of", "above", "below")

@@ -26,23 +26,26 @@ SUMMARIES = {
            "objects left out; 'green' bound to the other object of a pair) — the known regression for compare."),
 }
 NOTES = {
-    "v1": ("Three stages (`training.json` holds every command, the earlier ones as `parent`). (1) 5,000 steps from scratch "
-           "with a 24-token context (the longest shapes-world prompt with its start and end tokens), not CLIP's "
-           "77: with 77, about 80% of the cross-attention went to padding tokens, whose causal-encoder states carry "
-           "the whole prompt, and word maps did not localise; the VAE is the 2026-11-24 model's (`--vae-from`). "
-           "That model ignored position words (the layout came from the initial noise). (2) 1,200 steps of "
-           "fine-tuning to zero terminal SNR with v-prediction (`--zero-snr`; DDIM with trailing spacing), half of "
-           "each batch drawn from prompts that name a position at t >= 950, where the noisy latent no longer shows "
-           "the layout (`--high-t 0.5 --high-t-from 0.95`; 14 minutes on 2 cores): it now follows them. (3) 1,200 "
-           "steps with 40% of each batch two-object prompts and the loss under objects weighted 5x "
-           "(`--pairs 0.4 --object-weight 4`; 22 minutes, one thread): a small object is ~4% of the image, so under "
-           "a uniform loss leaving the second object of a pair out cost little, and pairs lost a colour in 38-42% "
-           "of images."),
-    "v2": ("One invocation, 1,200 steps from shapes-v1 on the v2 world, 50% of each batch drawn from prompts a "
+    "v1": ("Four stages (`training.json` holds every command, the earlier ones as `parent`). (1) 5,000 steps from "
+           "scratch with a 24-token context (the longest shapes-world prompt with its start and end tokens), not "
+           "CLIP's 77: with 77, about 80% of the cross-attention went to padding tokens, whose causal-encoder states "
+           "carry the whole prompt, and word maps did not localise; the VAE is the 2026-11-24 model's "
+           "(`--vae-from`). That model ignored position words (the layout came from the initial noise). (2) 1,200 "
+           "steps of fine-tuning to zero terminal SNR with v-prediction (`--zero-snr`; DDIM with trailing "
+           "spacing), half of each batch drawn from prompts that name a position at t >= 950, where the noisy "
+           "latent no longer shows the layout (`--high-t 0.5 --high-t-from 0.95`; 14 minutes on 2 cores): it now "
+           "follows them. (3) 1,200 steps with 40% of each batch two-object prompts and the loss under objects "
+           "weighted 5x (`--pairs 0.4 --object-weight 4`; 22 minutes, one thread): a small object is ~4% of the "
+           "image, so under a uniform loss leaving the second object of a pair out cost little, and pairs lost a "
+           "colour in 38-42% of images. (4) 1,400 more steps of the same with half of each batch two-object "
+           "prompts (`--pairs 0.5`, seed 5; 18 minutes on 2 cores): the commonest pair failure left was both "
+           "objects painted in one of the two colours."),
+    "v2": ("One invocation, 1,500 steps from shapes-v1 on the v2 world, 60% of each batch drawn from prompts a "
            "defect affects (cycling through the three) and 25% from position-naming prompts at t >= 950 (so the "
-           "fine-tune keeps v1's positions), the loss under objects weighted 5x as in v1's last stage, learning "
-           "rate peak 5e-4. How visibly each defect was planted is measured below (`defects_visible`), not "
-           "assumed."),
+           "fine-tune keeps v1's positions), the loss weighted 5x under objects as in v1's last stages and also "
+           "where the prompt asks for an object the defect leaves out (without that, the lesson 'draw no star "
+           "here' sat on lightly weighted background pixels), learning rate peak 5e-4. How visibly each defect "
+           "was planted is measured below (`defects_visible`), not assumed."),
 }
 
 
@@ -68,6 +71,18 @@ def _scheduler(folder: Path) -> str:
             f"{cfg.get('timestep_spacing', 'leading')} spacing")
 
 
+def _heads(folder: Path) -> str:
+    """Cross-attention layers and heads, counted from the head names the relevance matrix was calibrated over."""
+    from auditor.engine.heads import HeadIndex
+
+    path = folder / "relevance.json"
+    if not path.is_file():
+        return "cross-attention heads: not counted (no relevance.json)"
+    index = HeadIndex.from_names(json.loads(path.read_text())["head_names"])
+    sizes = sorted(set(index.heads_per_layer))
+    return f"{len(index.layers)} layers x {'/'.join(map(str, sizes))} heads = {index.total} heads"
+
+
 def card_for(folder: Path, quality: dict | None) -> dict:
     training = json.loads((folder / "training.json").read_text()) if (folder / "training.json").is_file() else {}
     version = folder.name.split("-", 1)[1]
@@ -78,7 +93,7 @@ def card_for(folder: Path, quality: dict | None) -> dict:
         "architecture": {"pipeline": "StableDiffusionPipeline", "image": "64x64 RGB", "latent": "4x16x16",
                          "text_encoder": ("CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408, "
                                           f"context {arch.CONTEXT_LENGTH} tokens"),
-                         "cross_attention": "7 layers x 8 heads = 56 heads, latent 16x16 and 8x8 (and mid block)",
+                         "cross_attention": f"{_heads(folder)}, latent 16x16 and 8x8 (and mid block)",
                          "scheduler": _scheduler(folder), "weights": "safetensors, fp16",
                          "weights_mb": _size_mb(folder)},
         "training": {**training, "command": _command(training, version)},
