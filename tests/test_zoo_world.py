@@ -119,6 +119,29 @@ def test_oracle_on_rendered_scenes():
     assert np.mean(ious) >= 0.95
 
 
+def test_oracle_minimum_region_is_below_every_rendered_object():
+    """MIN_AREA sits at or below half the smallest object the world draws, so it only drops rims and smudges."""
+    from auditor.zoo.oracle import MIN_AREA
+
+    smallest = min(int(o.mask.sum()) for s in _samples(400, seed=8) for o in s.scene.objects if o.mask.any())
+    assert 2 * MIN_AREA <= smallest
+
+
+def test_oracle_ignores_a_thin_rim_of_another_colour():
+    """A blended rim (here a purple ring round a blue disc) is not an object; a purple disc of its own is."""
+    from auditor.zoo.world import BACKGROUNDS, COLOURS, shape_mask
+
+    img = np.empty((64, 64, 3), np.uint8)
+    img[:] = BACKGROUNDS["white"]
+    ring = shape_mask("circle", 32, 32, 12) & ~shape_mask("circle", 32, 32, 10)
+    img[shape_mask("circle", 32, 32, 10)] = COLOURS["blue"]
+    img[ring & (np.arange(64)[:, None] < 24)] = COLOURS["purple"]  # the top arc of the rim: one region of 28 px
+    got = find(img, [("blue", None), ("purple", None)])
+    assert got[0].present and not got[1].present
+    img[shape_mask("circle", 12, 12, 5)] = COLOURS["purple"]
+    assert find(img, [("purple", None)])[0].present
+
+
 def test_calibration_prompts_are_seeded():
     assert sample_prompts(5, seed=1) == sample_prompts(5, seed=1)
     assert sample_prompts(5, seed=1) != sample_prompts(5, seed=2)
