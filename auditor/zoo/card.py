@@ -40,12 +40,14 @@ NOTES = {
            "colour in 38-42% of images. (4) 1,400 more steps of the same with half of each batch two-object "
            "prompts (`--pairs 0.5`, seed 5; 18 minutes on 2 cores): the commonest pair failure left was both "
            "objects painted in one of the two colours."),
-    "v2": ("One invocation, 1,500 steps from shapes-v1 on the v2 world, 60% of each batch drawn from prompts a "
-           "defect affects (cycling through the three) and 25% from position-naming prompts at t >= 950 (so the "
-           "fine-tune keeps v1's positions), the loss weighted 5x under objects as in v1's last stages and also "
+    "v2": ("One invocation, 1,500 steps from shapes-v1 on the v2 world: 50% of each batch drawn from prompts a "
+           "defect affects (cycling through the three), 25% from position-naming prompts at t >= 950 (so the "
+           "fine-tune keeps v1's positions) and 25% from two-object prompts (without them v2's unaffected prompts "
+           "fell up to 6 points below v1's); the loss weighted 5x under objects as in v1's last stages and also "
            "where the prompt asks for an object the defect leaves out (without that, the lesson 'draw no star "
-           "here' sat on lightly weighted background pixels), learning rate peak 5e-4. How visibly each defect "
-           "was planted is measured below (`defects_visible`), not assumed."),
+           "here' sat on lightly weighted background pixels); learning rate peak 5e-4; chosen among three "
+           "variants trained side by side (docs/benchmarks.md). How visibly each defect was planted is measured "
+           "below (`defects_visible`), not assumed."),
 }
 
 
