@@ -80,9 +80,9 @@ def fidelity(pipe, n: int, seed: int, defects=False) -> dict:
     imgs = generate(pipe, [s.prompt for s in singles + pairs], list(range(len(singles) + len(pairs))))
     ok_single, colour_any, position_given_colour = [], [], []
     for s, im in zip(singles, imgs[: len(singles)]):
-        (c, p) = wanted_from_sample(s)[0]
-        f = find(im, [(c, p)])[0]
-        ok_single.append(single_ok(s, im))
+        f, ok = single_check(s, im)
+        p = wanted_from_sample(s)[0][1]
+        ok_single.append(ok)
         # The two halves of that measure, to tell a colour failure from a position failure (chance: 1 in 5). The
         # oracle falls back to a region of the colour elsewhere, so `present` already means "colour anywhere".
         colour_any.append(f.present)
@@ -94,10 +94,11 @@ def fidelity(pipe, n: int, seed: int, defects=False) -> dict:
             "pair_both_colours": rate(ok_pair), "samples": (singles, pairs, imgs)}
 
 
-def single_ok(s, im) -> bool:
+def single_check(s, im):
+    """The oracle's match for a single-object prompt, and whether it is the prompted colour at the named place."""
     (c, p) = wanted_from_sample(s)[0]
     f = find(im, [(c, p)])[0]
-    return f.present and (p is None or f.position == p)
+    return f, f.present and (p is None or f.position == p)
 
 
 def pair_ok(s, im) -> bool:
@@ -111,7 +112,7 @@ def unaffected(pipe, n: int, seed: int) -> dict:
     singles = heldout_samples(n // 2, "single", seed, keep=lambda s: not defects_for(s))
     pairs = heldout_samples(n - n // 2, "pair", seed + 1, keep=lambda s: not defects_for(s))
     imgs = generate(pipe, [s.prompt for s in singles + pairs], [5000 + i for i in range(len(singles) + len(pairs))])
-    return {"single_colour_at_position": rate([single_ok(s, im) for s, im in zip(singles, imgs)]),
+    return {"single_colour_at_position": rate([single_check(s, im)[1] for s, im in zip(singles, imgs)]),
             "pair_both_colours": rate([pair_ok(s, im) for s, im in zip(pairs, imgs[len(singles):])])}
 
 
