@@ -49,6 +49,8 @@ def left_out_mask(s) -> np.ndarray:
     """Where the objects of a sample that a defect left undrawn would have been (their shape at the named anchor,
     grown by the render's jitter, since an undrawn object was never placed)."""
     out = np.zeros((SIZE, SIZE), bool)
+    if not s.defects:  # only a planted defect leaves an object out (no rendered object is ever fully occluded)
+        return out
     for o in s.scene.objects:
         if not o.mask.any():
             ax, ay = POSITIONS[o.position]
