@@ -279,8 +279,8 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
     }
     reasons, excess = [], 0.0
     for name, why in rules.items():
-        past = _beyond(s, th, name)
-        if past is None or not judges(name, s):
+        past = _beyond(s, th, name) if judges(name, s) else None
+        if past is None:
             continue
         reasons.append(why())
         excess = max(excess, past)

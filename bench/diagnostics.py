@@ -294,6 +294,14 @@ def objects_ok(gen: dict) -> list[bool]:
     return gen["_healthy"]
 
 
+def visible(gen: dict, defect: str) -> dict[int, bool]:
+    """``defect_visible`` of a cached generation as {object index: visible}, computed once and kept on it."""
+    key = f"_visible_{defect}"
+    if key not in gen:
+        gen[key] = dict(defect_visible(gen["image"], gen["sample"], defect))
+    return gen[key]
+
+
 def healthy_concepts(gen: dict) -> list[int]:
     """Indices of concepts whose object the oracle confirms drawn as asked (all objects of the prompt must be)."""
     if not all(objects_ok(gen)):
@@ -352,12 +360,10 @@ def prompt_level_scores(gens: list[dict], th, defect: str = "green_misbound", ty
     for g in gens:
         if any(d != defect for d in g["defects"]):
             continue
-        key = f"_visible_{defect}"
-        if key not in g:
-            g[key] = dict(defect_visible(g["image"], g["sample"], defect))
-        if not g[key]:
+        vis = visible(g, defect)
+        if not vis:
             continue
-        v = any(g[key].values())
+        v = any(vis.values())
         hit = any(t in types for fl in reflag(g, th) for t in fl)
         tp, fp, fn, tn = tp + (hit and v), fp + (hit and not v), fn + (v and not hit), tn + (not v and not hit)
     return {"flag_types": list(types), "unit": "generation", **confusion(tp, fp, fn, tn)}
@@ -376,20 +382,17 @@ def confusion(tp: int, fp: int, fn: int, tn: int) -> dict:
 
 def defect_scores(gens: list[dict], th) -> dict:
     out = {}
+    flags_of = [reflag(g, th) for g in gens]  # once per generation, whichever defect reads them
     for defect, planted in [(d, d) for d in DEFECT_MAP] + list(TRUTH_VARIANTS.items()):
         word, role, types = DEFECT_MAP[planted]
         tp = fp = fn = tn = 0
         by_type_on_visible: dict[str, int] = {}
-        for g in gens:
+        for g, flags in zip(gens, flags_of):
             if any(d != planted for d in g["defects"]):
                 continue  # another defect changes the drawing: the oracle could not tell which one it sees
-            key = f"_visible_{defect}"
-            if key not in g:
-                g[key] = dict(defect_visible(g["image"], g["sample"], defect))
-            vis = g[key]
+            vis = visible(g, defect)
             if not vis:
                 continue
-            flags = reflag(g, th)
             for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
                 if link is None or c["role"] != role or c["text"].lower().rstrip("s") != word:
                     continue
@@ -609,7 +612,7 @@ def neglect_signature(gens: list[dict]) -> dict:
         s = g["sample"]
         if len(s.mentions) < 2:
             continue
-        seen = dict(defect_visible(g["image"], s, "star_neglected"))
+        seen = visible(g, "star_neglected")
         for i, c in enumerate(g["concepts"]):
             link = g["links"][i]
             if c["role"] != "object" or link is None or link[1] != "noun" or link[0] not in seen:

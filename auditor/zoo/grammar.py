@@ -280,7 +280,8 @@ def _apply_defects(objs: list[SceneObject], kind: str, named: list[bool]) -> tup
 
 
 def defects_for(s: Sample) -> list[str]:
-    """The planted defects that would change this sample's drawing in the v2 world (whichever world drew it)."""
+    """The planted defects that would change this sample's drawing in the v2 world, for a sample the plain world
+    drew (a v2-world sample's objects hold what was drawn, e.g. blue for a prompted purple: read ``s.defects``)."""
     named = ["colour" in m.attributes for m in s.mentions]
     return _apply_defects(s.scene.objects, s.kind, named)[1]
 

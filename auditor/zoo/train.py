@@ -187,7 +187,8 @@ def train_denoiser(work, seed, steps, batch_size, lr, logfile, vae, init_from=No
         for g in opt.param_groups:
             g["lr"] = cur
         hi = int(batch_size * high_t)
-        x, prompts, left_out = batch(seed, step, batch_size, defects, focus, positioned=hi, pairs=int(batch_size * pairs))
+        x, prompts, left_out = batch(seed, step, batch_size, defects, focus, positioned=hi,
+                                     pairs=int(batch_size * pairs))
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # Classifier-free guidance needs an unconditional model: drop 10% of prompts.
         drop = torch.rand(len(prompts), generator=g) < 0.1
