@@ -175,3 +175,29 @@ def test_training_batches_hold_the_requested_shares_of_position_and_pair_prompts
     # two-object prompts: joined by "and" or a relation, never a list (triples) or a count word
     assert all((" and " in p or any(w in p for w in position_words + ("next to",))) and "," not in p
                and not p.startswith(("two", "three")) for p in prompts[3:7])
+
+
+@pytest.mark.parametrize("name", ["shapes-v1", "shapes-v2"])
+def test_replay_chains_every_recorded_stage_from_nothing(name, tmp_path):
+    from auditor.zoo.replay import lineage, stage_args
+    from auditor.zoo.train import parser
+
+    runs = lineage(json.loads((MODELS_DIR / name / "training.json").read_text()))
+    assert runs[0].get("parent") is None and runs[0]["init"] is None  # the base run trains from nothing
+    stages = [parser().parse_args(stage_args(r["command"], tmp_path, i, 1)) for i, r in enumerate(runs)]
+    assert stages[0].vae_from is None and stages[0].init is None  # the VAE is trained too, not reused
+    for i, (run, args) in enumerate(zip(runs, stages)):
+        assert args.export_to == str(tmp_path / f"stage{i}") and args.work == str(tmp_path / f"work{i}")
+        assert (args.steps, args.seed, args.version) == (run["steps"], run["seed"], run["version"])
+        assert args.lr == run["lr"] or (i == 0 and args.lr is None)  # the oldest record leaves the default lr out
+        if i:
+            assert args.init == str(tmp_path / f"stage{i - 1}")  # never the bundled model
+    assert len(stages) == (4 if name == "shapes-v1" else 5)
+
+
+def test_replay_of_an_unknown_model_is_one_line(capsys):
+    from auditor.zoo.replay import main
+
+    assert main(["shapes-v9", "--out", "unused", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shapes-v9" in err

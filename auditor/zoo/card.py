@@ -39,7 +39,9 @@ NOTES = {
            "image, so under a uniform loss leaving the second object of a pair out cost little, and pairs lost a "
            "colour in 38-42% of images. (4) 1,400 more steps of the same with half of each batch two-object "
            "prompts (`--pairs 0.5`, seed 5; 18 minutes on 2 cores): the commonest pair failure left was both "
-           "objects painted in one of the two colours."),
+           "objects painted in one of the two colours. From nothing, all four stages take about 116 minutes on "
+           "this 2-core machine (VAE 10, denoiser 60, fine-tunes 14 + 15 + 18); `python -m auditor.zoo.replay "
+           "shapes-v1 --out DIR` runs them in order."),
     "v2": ("One invocation, 1,500 steps from shapes-v1 on the v2 world: 50% of each batch drawn from prompts a "
            "defect affects (cycling through the three), 25% from position-naming prompts at t >= 950 (so the "
            "fine-tune keeps v1's positions) and 25% from two-object prompts (without them v2's unaffected prompts "

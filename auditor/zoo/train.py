@@ -302,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-from", default=None,
-                    help="v1: reuse the VAE of this bundled model or folder instead of training one (saves ~20 min)")
+                    help="v1: reuse the VAE of this bundled model or folder instead of training one (saves ~10 min)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
