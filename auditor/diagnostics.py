@@ -5,12 +5,12 @@ and the maps the engine built from a relevance matrix, so it runs the same on a 
 scale-free (a ratio, a share, an overlap, a position in image fractions, a log-ratio), so thresholds calibrated on
 one model mean the same thing on another.
 
-- **missing** (an object the model neglected), for objects of prompts that name several: its selective map has no
-  confident region of its own — its peak is weak next to the strongest object's (``peak_ratio``), its mass is
-  diffuse (``concentration``: share of the mass inside its own region), its region is mostly a stronger
-  object's region (``shared_region``: IoU), its region is spread over much of the image (``area``: on
-  shapes-v2 a neglected object's map covers the background around the object that was drawn), or its map peaks
-  on empty background in the image (``drawn_share``, from ``auditor.pixels``);
+- **missing** (an object the model neglected): its selective map has no confident region of its own — next to
+  another object, its peak is weak beside the strongest object's (``peak_ratio``), its region is mostly a
+  stronger object's region (``shared_region``: IoU) or spread over much of the image (``area``: on shapes-v2 a
+  neglected object's map covers the background around the object that was drawn); for any object, lone ones
+  too, its mass is diffuse (``concentration``: share of the mass inside its own region) or its map peaks on
+  empty background in the image (``drawn_share``, from ``auditor.pixels``);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
   (``binding_margin``: own-region share minus the best other object's share), or an object's map sits on the wrong
   side of the image or of another object for the position or relation the prompt names (``side_offset``);
