@@ -8,8 +8,8 @@ one model mean the same thing on another.
 - **missing** (an object the model neglected): its selective map has no confident region of its own — next to
   another object, its peak is weak beside the strongest object's (``peak_ratio``), its region is mostly a
   stronger object's region (``shared_region``: IoU) or spread over much of the image (``area``: on shapes-v2 a
-  neglected object's map covers the background around the object that was drawn); for any object, lone ones
-  too, its mass is diffuse (``concentration``: share of the mass inside its own region) or its map peaks on
+  neglected object's map covers the background around the object that was drawn) or its mass is diffuse
+  (``concentration``: share of the mass inside its own region); for any object, lone ones too, its map peaks on
   empty background in the image (``drawn_share``, from ``auditor.pixels``);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
   (``binding_margin``: own-region share minus the best other object's share), or an object's map sits on the wrong
@@ -259,9 +259,10 @@ def _beyond(s: dict, th: Thresholds, name: str) -> float | None:
 
 def judges(name: str, s: dict) -> bool:
     """Whether the rule of threshold ``name`` applies to a concept with scores ``s`` (calibration reads this too,
-    so each threshold is set on the concepts it judges): the area rule only next to another object (peak_ratio
-    exists then), since a lone object's map may fill the image legitimately."""
-    return not (name == "max_area" and s.get("peak_ratio") is None)
+    so each threshold is set on the concepts it judges): the area and concentration rules only next to another
+    object (peak_ratio exists then), since a lone object's map may spread over the image legitimately (on the
+    shapes-v1 tuning prompts, concentration flagged 7 lone objects, 1 of them not drawn)."""
+    return not (name in ("max_area", "min_concentration") and s.get("peak_ratio") is None)
 
 
 def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:

@@ -164,6 +164,19 @@ def test_colour_check_skips_words_without_a_value_and_images_it_cannot_read():
     assert "colour_share" not in scores(scene(), painted((215, 45, 35), bg=(215, 40, 40)))[0]
 
 
+def test_a_lone_objects_diffuse_map_is_not_missing_but_beside_another_object_it_is():
+    diffuse = noise(0.05) + 0.02
+    # Only the concentration rule can fire on the star: no peak rule, no shared-region or area rule.
+    th = Thresholds(**{**TH.to_json(), "min_peak_ratio": 0.0, "min_concentration": 0.9, "max_shared_region": 1.0,
+                       "max_area": 1.0})
+    alone = [ConceptView(0, "star", "object", "shape", diffuse)]
+    sc, flags = diagnose(alone, th)
+    assert sc[0]["concentration"] < th.min_concentration and flags == []
+    sc, flags = diagnose(scene(star_map=diffuse), th)
+    star = [f for f in flags if f.concept == 2]
+    assert [f.type for f in star] == ["missing"] and "attention falls in its own region" in star[0].message
+
+
 def test_single_object_prompts_have_no_relative_scores():
     sc = scores([ConceptView(0, "star", "object", "shape", blob(0.5, 0.5))])
     assert "peak_ratio" not in sc[0] and "shared_region" not in sc[0] and "binding_margin" not in sc[0]

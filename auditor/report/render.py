@@ -43,7 +43,8 @@ FLAG_MEANINGS = {
 # The diagnostics' settings (auditor/thresholds.py), in words for the methods chapter.
 THRESHOLD_MEANINGS = {
     "min_peak_ratio": "missing when an object's peak attention is below this share of the strongest object's peak",
-    "min_concentration": "missing when less than this share of an object's attention falls inside its own region",
+    "min_concentration": "missing when, next to another object, less than this share of an object's attention falls "
+                         "inside its own region",
     "max_shared_region": "missing when an object's region overlaps another object's by more than this (IoU)",
     "min_binding_margin": "misplaced when an attribute's share on its own object minus its share on another object "
                           "is below this",
