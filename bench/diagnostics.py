@@ -45,7 +45,9 @@ precision = TP / (TP + FP), recall = TP / (TP + FN), each with a Wilson 95% inte
 same quantile rule at other q (``tradeoff``: what any calibration could reach, chosen on nothing here) and how well
 the maps tell two objects apart at all (``localisation``: a word's map denser inside its own object's oracle mask
 than the other's; 0.5 = chance), and what the ``missing`` scores of a neglected star look like next to those of a
-drawn one (``neglect_signature``).
+drawn one (``neglect_signature``), and the same precision and recall against labels by eye
+(``bench/labels/v2eval-by-eye.json``, ``by_eye``), where the oracle's truth is known to err: it reads a blended
+purple rim round a blue object as purple drawn, and the star's colour on a part of the other object as a star.
 """
 
 from __future__ import annotations
@@ -413,6 +415,42 @@ def defect_scores(gens: list[dict], th) -> dict:
     return out
 
 
+LABELS = ROOT / "bench/labels/v2eval-by-eye.json"
+
+
+def by_eye(gens: list[dict], th, fingerprint: str) -> dict | None:
+    """Precision and recall against labels by eye (``LABELS``) instead of the oracle: the same candidates and flags
+    as ``defect_scores``, truth = the generation index is among the labelled ``seen``; once with the ambiguous
+    images as labelled, once without them. None when the labels were made on another model."""
+    if not LABELS.is_file():
+        return None
+    labels = json.loads(LABELS.read_text())
+    if labels["model"]["fingerprint"] != fingerprint:
+        return None
+    out = {"labels": str(LABELS.relative_to(ROOT)), "who": labels["who"]}
+    for defect, lab in labels["defects"].items():
+        word, role, types = DEFECT_MAP[defect]
+        seen, ambiguous = set(lab["seen"]), set(lab["ambiguous"])
+        counts = {"as_labelled": [0, 0, 0, 0], "ambiguous_left_out": [0, 0, 0, 0]}
+        for g in gens:
+            if g["index"] not in lab["candidates"]:
+                continue
+            flags = reflag(g, th)
+            for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
+                if link is None or c["role"] != role or c["text"].lower().rstrip("s") != word:
+                    continue
+                if (role == "object") != (link[1] == "noun"):
+                    continue
+                hit, v = any(t in types for t in flags[ci]), g["index"] in seen
+                for key, cnt in counts.items():
+                    if key == "ambiguous_left_out" and g["index"] in ambiguous:
+                        continue
+                    cnt[0], cnt[1] = cnt[0] + (hit and v), cnt[1] + (hit and not v)
+                    cnt[2], cnt[3] = cnt[2] + (v and not hit), cnt[3] + (not v and not hit)
+        out[defect] = {"question": lab["question"], **{k: confusion(*v) for k, v in counts.items()}}
+    return out
+
+
 def localisation(gens: list[dict]) -> dict:
     """Whether the maps the diagnostics read tell the prompt's objects apart at all: over two-object generations
     where the oracle finds both named colours, the share of words (object nouns; colour attributes) whose map is
@@ -579,6 +617,7 @@ def evaluate(args) -> None:
     res["v2_prompts"]["controls"] = sum(1 for g in g2 if not g["defects"])
     res["v2_localisation"] = localisation(g2)
     res["v2_neglect_signature"] = neglect_signature(g2)
+    res["v2_by_eye"] = by_eye(g2, th, lm.fingerprint)
     # The trade-off the maps allow: the same per-score quantile rule at other q (tuning rows as in `tune`); shows
     # whether any calibration could meet the goals, without choosing anything on these prompts.
     rows = score_table(_cached("tune"))

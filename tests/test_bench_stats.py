@@ -128,3 +128,28 @@ def test_polysemy_prompts_share_their_prefix_where_designed():
         pre_f = p["fruit"].split("orange")[0]
         assert (pre_c == pre_f) == (p["design"] == "same_prefix"), p
         assert p["colour"].count("orange") == p["fruit"].count("orange") == 1
+
+
+def test_by_eye_counts_flags_against_the_labels_and_only_for_the_labelled_model(tmp_path, monkeypatch):
+    import json
+
+    import diagnostics as bd
+    from auditor.thresholds import Thresholds
+
+    def gen(index, drawn_share):  # one two-object prompt; the star's drawn_share decides its `missing` flag
+        concepts = [{"text": "circle", "role": "object", "category": "shape", "scores": {"drawn_share": 0.9}},
+                    {"text": "star", "role": "object", "category": "shape", "scores": {"drawn_share": drawn_share}}]
+        return {"index": index, "concepts": concepts, "links": [(0, "noun"), (1, "noun")]}
+
+    gens = [gen(0, 0.0), gen(1, 0.0), gen(2, 0.9), gen(3, 0.9)]  # flagged, flagged, silent, silent
+    labels = {"who": "test", "model": {"fingerprint": "abc"}, "defects": {"star_neglected": {
+        "question": "q", "candidates": [0, 1, 2, 3], "seen": [0, 2], "ambiguous": [1]}}}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(labels))
+    monkeypatch.setattr(bd, "LABELS", path)
+    monkeypatch.setattr(bd, "ROOT", tmp_path)
+    out = bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "abc")["star_neglected"]
+    assert (out["as_labelled"]["tp"], out["as_labelled"]["fp"], out["as_labelled"]["fn"], out["as_labelled"]["tn"]) \
+        == (1, 1, 1, 1)
+    assert (out["ambiguous_left_out"]["fp"], out["ambiguous_left_out"]["candidates"]) == (0, 3)
+    assert bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "another model") is None
