@@ -421,11 +421,13 @@ LABELS = ROOT / "bench/labels/v2eval-by-eye.json"
 def by_eye(gens: list[dict], th, fingerprint: str) -> dict | None:
     """Precision and recall against labels by eye (``LABELS``) instead of the oracle: the same candidates and flags
     as ``defect_scores``, truth = the generation index is among the labelled ``seen``; once with the ambiguous
-    images as labelled, once without them. None when the labels were made on another model."""
+    images as labelled, once without them. None when the labels were made on another model or other prompts."""
     if not LABELS.is_file():
         return None
     labels = json.loads(LABELS.read_text())
-    if labels["model"]["fingerprint"] != fingerprint:
+    by_index = {g["index"]: g["prompt"] for g in gens}
+    if labels["model"]["fingerprint"] != fingerprint or any(
+            by_index.get(int(i)) != text for lab in labels["defects"].values() for i, text in lab["prompts"].items()):
         return None
     out = {"labels": str(LABELS.relative_to(ROOT)), "who": labels["who"]}
     for defect, lab in labels["defects"].items():

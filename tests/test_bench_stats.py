@@ -139,11 +139,12 @@ def test_by_eye_counts_flags_against_the_labels_and_only_for_the_labelled_model(
     def gen(index, drawn_share):  # one two-object prompt; the star's drawn_share decides its `missing` flag
         concepts = [{"text": "circle", "role": "object", "category": "shape", "scores": {"drawn_share": 0.9}},
                     {"text": "star", "role": "object", "category": "shape", "scores": {"drawn_share": drawn_share}}]
-        return {"index": index, "concepts": concepts, "links": [(0, "noun"), (1, "noun")]}
+        return {"index": index, "prompt": f"p{index}", "concepts": concepts, "links": [(0, "noun"), (1, "noun")]}
 
     gens = [gen(0, 0.0), gen(1, 0.0), gen(2, 0.9), gen(3, 0.9)]  # flagged, flagged, silent, silent
     labels = {"who": "test", "model": {"fingerprint": "abc"}, "defects": {"star_neglected": {
-        "question": "q", "candidates": [0, 1, 2, 3], "seen": [0, 2], "ambiguous": [1]}}}
+        "question": "q", "candidates": [0, 1, 2, 3], "seen": [0, 2], "ambiguous": [1],
+        "prompts": {str(i): f"p{i}" for i in range(4)}}}}
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(labels))
     monkeypatch.setattr(bd, "LABELS", path)
@@ -153,3 +154,5 @@ def test_by_eye_counts_flags_against_the_labels_and_only_for_the_labelled_model(
         == (1, 1, 1, 1)
     assert (out["ambiguous_left_out"]["fp"], out["ambiguous_left_out"]["candidates"]) == (0, 3)
     assert bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "another model") is None
+    gens[3]["prompt"] = "another prompt at this index"  # labels of another prompt set do not apply either
+    assert bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "abc") is None
