@@ -382,11 +382,22 @@ def confusion(tp: int, fp: int, fn: int, tn: int) -> dict:
             "visible": tp + fn, "candidates": tp + fp + fn + tn}
 
 
+def word_concepts(g: dict, planted: str):
+    """(concept index, object index) of the concepts of generation ``g`` that carry defect ``planted``'s word in its
+    role (the noun "star"; the colour word "purple"), linked to their grammar object."""
+    word, role, _ = DEFECT_MAP[planted]
+    for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
+        if link is None or c["role"] != role or c["text"].lower().rstrip("s") != word:
+            continue
+        if (role == "object") == (link[1] == "noun"):
+            yield ci, link[0]
+
+
 def defect_scores(gens: list[dict], th) -> dict:
     out = {}
     flags_of = [reflag(g, th) for g in gens]  # once per generation, whichever defect reads them
     for defect, planted in [(d, d) for d in DEFECT_MAP] + list(TRUTH_VARIANTS.items()):
-        word, role, types = DEFECT_MAP[planted]
+        types = DEFECT_MAP[planted][2]
         tp = fp = fn = tn = 0
         by_type_on_visible: dict[str, int] = {}
         for g, flags in zip(gens, flags_of):
@@ -395,11 +406,8 @@ def defect_scores(gens: list[dict], th) -> dict:
             vis = visible(g, defect)
             if not vis:
                 continue
-            for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
-                if link is None or c["role"] != role or c["text"].lower().rstrip("s") != word:
-                    continue
-                obj, part = link
-                if (role == "object") != (part == "noun") or obj not in vis:
+            for ci, obj in word_concepts(g, planted):
+                if obj not in vis:
                     continue
                 hit = any(t in types for t in flags[ci])
                 v = vis[obj]
@@ -430,26 +438,24 @@ def by_eye(gens: list[dict], th, fingerprint: str) -> dict | None:
             by_index.get(int(i)) != text for lab in labels["defects"].values() for i, text in lab["prompts"].items()):
         return None
     out = {"labels": str(LABELS.relative_to(ROOT)), "who": labels["who"]}
+    flags_of = {}  # once per generation, whichever defect reads them
     for defect, lab in labels["defects"].items():
-        word, role, types = DEFECT_MAP[defect]
-        seen, ambiguous = set(lab["seen"]), set(lab["ambiguous"])
-        counts = {"as_labelled": [0, 0, 0, 0], "ambiguous_left_out": [0, 0, 0, 0]}
+        types = DEFECT_MAP[defect][2]
+        candidates, seen, ambiguous = set(lab["candidates"]), set(lab["seen"]), set(lab["ambiguous"])
+        rows = []  # (flagged, seen by eye, ambiguous)
         for g in gens:
-            if g["index"] not in lab["candidates"]:
+            if g["index"] not in candidates:
                 continue
-            flags = reflag(g, th)
-            for ci, (c, link) in enumerate(zip(g["concepts"], g["links"])):
-                if link is None or c["role"] != role or c["text"].lower().rstrip("s") != word:
-                    continue
-                if (role == "object") != (link[1] == "noun"):
-                    continue
-                hit, v = any(t in types for t in flags[ci]), g["index"] in seen
-                for key, cnt in counts.items():
-                    if key == "ambiguous_left_out" and g["index"] in ambiguous:
-                        continue
-                    cnt[0], cnt[1] = cnt[0] + (hit and v), cnt[1] + (hit and not v)
-                    cnt[2], cnt[3] = cnt[2] + (v and not hit), cnt[3] + (not v and not hit)
-        out[defect] = {"question": lab["question"], **{k: confusion(*v) for k, v in counts.items()}}
+            flags = flags_of.setdefault(g["index"], reflag(g, th))
+            rows += [(any(t in types for t in flags[ci]), g["index"] in seen, g["index"] in ambiguous)
+                     for ci, _ in word_concepts(g, defect)]
+
+        def counts(rs):
+            return confusion(sum(h and v for h, v, _ in rs), sum(h and not v for h, v, _ in rs),
+                             sum(v and not h for h, v, _ in rs), sum(not v and not h for h, v, _ in rs))
+
+        out[defect] = {"question": lab["question"], "as_labelled": counts(rows),
+                       "ambiguous_left_out": counts([r for r in rows if not r[2]])}
     return out
 
 

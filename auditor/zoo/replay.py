@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from auditor.zoo.train import NOT_RECIPE, parser
+
 PREFIX = ["python", "-m", "auditor.zoo.train"]
 
 
@@ -39,10 +41,13 @@ def stage_args(command: str, out: Path, i: int, threads: int) -> list[str]:
     words = shlex.split(command)
     if words[:3] != PREFIX:
         raise ValueError(f"not a training command: {command!r}")
+    # Where a run reads or writes (its parent, a reused VAE, threads, folders) is the replay's to choose.
+    chosen = {flag for a in parser()._actions if a.dest in NOT_RECIPE + ("init", "vae_from")
+              for flag in a.option_strings}
     args, rest = [], iter(words[3:])
     for w in rest:
-        if w in ("--from", "--vae-from", "--threads", "--work", "--export-to"):
-            next(rest)  # where a run reads or writes is the replay's to choose
+        if w in chosen:
+            next(rest)
             continue
         args.append(w)
     if i > 0:
