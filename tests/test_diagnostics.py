@@ -155,6 +155,32 @@ def test_missing_fires_when_an_objects_map_peaks_on_empty_background():
     assert "'star'" in flags[0].message and "drawn" in flags[0].message
 
 
+def test_attention_only_missing_rules_yield_to_an_object_drawn_where_its_map_peaks():
+    weak = blob(0.75, 0.5, peak=0.2)  # a fifth of the cat's peak: the peak-ratio rule fires on attention alone
+    sc, flags = diagnose(scene(star_map=weak), TH)
+    assert types_of(flags, 2) == ["missing"] and "own_drawn" not in sc[2]  # no image: no image evidence
+    # Something is drawn where the star's map peaks, apart from the cat: the attention rule is overruled.
+    sc, flags = diagnose(scene(star_map=weak), TH, painted((215, 45, 35)))
+    assert sc[2]["peak_ratio"] < TH.min_peak_ratio and sc[2]["own_drawn"] > 0.9 and flags == []
+    # Its twin: the star's place is empty; the map's best drawn region is the cat's, so nothing overrules.
+    sc, flags = diagnose(scene(star_map=weak), TH, painted((215, 45, 35), right=False))
+    assert sc[2]["own_drawn"] == 0.0 and types_of(flags, 2) == ["missing"] and "peak" in flags[0].message
+    # A busy image (no plain background) gives no evidence either way: the attention rule stands.
+    busy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    sc, flags = diagnose(scene(star_map=weak), TH, busy)
+    assert "own_drawn" not in sc[2] and types_of(flags, 2) == ["missing"]
+
+
+def test_own_drawn_is_zero_when_another_objects_map_peaks_on_the_same_drawn_thing():
+    from auditor import pixels
+
+    img = painted((215, 45, 35))
+    img[29:35, 16:48] = (215, 45, 35)  # a bar joins the two discs into one drawn region
+    px = pixels.read(img)
+    assert pixels.own_drawn_share(blob(0.75, 0.5), [blob(0.25, 0.5)], px) == 0.0
+    assert pixels.own_drawn_share(blob(0.75, 0.5), [blob(0.25, 0.5)], pixels.read(painted((215, 45, 35)))) > 0.9
+
+
 def test_colour_check_skips_words_without_a_value_and_images_it_cannot_read():
     views = scene()
     views[0].text = "lavender"  # a colour word the lexicon gives no typical value

@@ -55,7 +55,8 @@ THRESHOLD_MEANINGS = {
     "max_area": "missing when, next to another object, an object's region covers more than this share of the "
                 "image (spread over the background, not on an object)",
     "min_drawn_share": "missing when less than this share of an object's map peak lies on drawn (non-background) "
-                       "pixels of the image",
+                       "pixels of the image; on a plain background, at least this share on a drawn region no other "
+                       "object's map peaks on silences the attention-only missing rules",
     "min_colour_share": "misinterpreted when less than this share of the drawn pixels under a colour word's map (or "
                         "its object's) has that colour",
     "max_flag_rate": "a concept fails its prompt when flagged in more than this share of its seeds",
