@@ -101,6 +101,7 @@ def suite_check_cmd(
 
 # --- engine: maps of one prompt, head-relevance calibration (auditor.engine) ---------------------------------------
 
+FAILING_SHOWN = 10  # failing concepts an audit prints, one line each; the report lists them all
 _MODEL_HELP = "A bundled model name, a local diffusers folder, or a hub id already in the local cache."
 
 
@@ -247,6 +248,11 @@ def audit_cmd(
         typer.echo(f"prompts: {p['passed']} passed, {p['flagged']} flagged of {p['total']}; "
                    f"fidelity {f['score']} (95% CI {f['ci'][0]}-{f['ci'][1]})")
         typer.echo("flags: " + ", ".join(f"{t} {n}" for t, n in s["flags_by_type"].items()))
+        failing = [c for c in s["concepts"] if not c["passed"]]
+        for c in failing[:FAILING_SHOWN]:
+            typer.echo(f"  fails  {c['prompt_id']}: {c.get('sentence') or c['concept']}")
+        if len(failing) > FAILING_SHOWN:
+            typer.echo(f"  ... and {len(failing) - FAILING_SHOWN} more failing concepts (report, 'Concepts that fail')")
         acc = s.get("acceptance") or {}
         if acc.get("declared"):
             typer.echo(f"acceptance: {'PASS' if acc['passed'] else 'FAIL'}")

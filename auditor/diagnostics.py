@@ -78,13 +78,18 @@ class ConceptView:
 class Flag:
     type: str
     severity: str  # low | medium | high
-    message: str
+    message: str  # the evidence, then " — " and the verdict
     concept: int
     scores: dict = field(default_factory=dict)
+    verdict: str = ""  # what the evidence probably means, in a few words (the summary's sentence across seeds ends so)
 
     def to_json(self) -> dict:
-        return {"type": self.type, "severity": self.severity, "message": self.message,
+        return {"type": self.type, "severity": self.severity, "message": self.message, "verdict": self.verdict,
                 "scores": {k: _round(v) for k, v in self.scores.items()}}
+
+
+def _flag(type_: str, excess: float, evidence: str, verdict: str, concept: int, scores: dict) -> Flag:
+    return Flag(type_, _severity(excess), f"{evidence} — {verdict}", concept, scores, verdict)
 
 
 def _round(v):
@@ -225,30 +230,31 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
             own = views_by(views, v.binds_to).text
             other = views_by(views, s["other_object"]).text
             excess = _past(s["binding_margin"], th.min_binding_margin, "low", -1.0, 1.0)
-            flags.append(Flag("misplaced", _severity(excess),
-                              f"{name} (said of '{own}'): its {v.category} heads put {s['other_share']:.0%} of their "
-                              f"attention on '{other}' and {s['own_share']:.0%} on '{own}' (margin "
-                              f"{s['binding_margin']:+.2f}, threshold {th.min_binding_margin:+.2f}) — the "
-                              f"{v.category} probably went to '{other}'",
-                              v.index, _pick(s, "own_share", "other_share", "binding_margin")))
+            flags.append(_flag("misplaced", excess,
+                               f"{name} (said of '{own}'): its {v.category} heads put {s['other_share']:.0%} of their "
+                               f"attention on '{other}' and {s['own_share']:.0%} on '{own}' (margin "
+                               f"{s['binding_margin']:+.2f}, threshold {th.min_binding_margin:+.2f})",
+                               f"the {v.category} probably went to '{other}'",
+                               v.index, _pick(s, "own_share", "other_share", "binding_margin")))
         if s.get("category_margin") is not None and s["category_margin"] < th.min_category_margin:
             excess = _past(s["category_margin"], th.min_category_margin, "low",
                            th.min_category_margin - 2.0, th.min_category_margin + 2.0)
-            flags.append(Flag("misinterpreted", _severity(excess),
-                              f"{name} reads as {s['rival_category']}, not {v.expected_category}: its attention within "
-                              f"the {s['rival_category']} heads is close to or above its {v.expected_category} heads' "
-                              f"(log-ratio {s['category_margin']:+.2f}, threshold {th.min_category_margin:+.2f}) — "
-                              f"the model may have misread the word",
-                              v.index, _pick(s, "expected_response", "category_margin", "winner")))
+            flags.append(_flag("misinterpreted", excess,
+                               f"{name} reads as {s['rival_category']}, not {v.expected_category}: its attention "
+                               f"within the {s['rival_category']} heads is close to or above its "
+                               f"{v.expected_category} heads' (log-ratio {s['category_margin']:+.2f}, threshold "
+                               f"{th.min_category_margin:+.2f})",
+                               f"the model may have read the word as {s['rival_category']}",
+                               v.index, _pick(s, "expected_response", "category_margin", "winner")))
         excess = _beyond(s, th, "min_colour_share")
         if excess is not None:
             on = f" on '{views_by(views, v.binds_to).text}'" if v.binds_to is not None else ""
             instead = f"mostly {s['drawn_colour']}" if s.get("drawn_colour") else "no colour but the background's"
-            flags.append(Flag("misinterpreted", _severity(excess),
-                              f"{name}{on}: where its {v.category} heads look, the image is {instead} — only "
-                              f"{s['colour_share']:.0%} {v.text} (threshold {th.min_colour_share:.0%}); the colour "
-                              f"is probably not drawn as asked",
-                              v.index, _pick(s, "colour_share", "drawn_colour")))
+            flags.append(_flag("misinterpreted", excess,
+                               f"{name}{on}: where its {v.category} heads look, the image is {instead}, only "
+                               f"{s['colour_share']:.0%} {v.text} (threshold {th.min_colour_share:.0%})",
+                               "the colour is probably not drawn as asked",
+                               v.index, _pick(s, "colour_share", "drawn_colour")))
     return flags
 
 
@@ -305,10 +311,10 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
         excess = max(excess, past)
     if not reasons:
         return None
-    return Flag("missing", _severity(excess),
-                f"'{v.text}': its {v.category} heads find no region of its own ({'; '.join(reasons)}) — the object "
-                f"is probably not drawn", v.index, _pick(s, "peak_ratio", "concentration", "shared_region", "area",
-                                                          "drawn_share", "own_drawn"))
+    return _flag("missing", excess,
+                 f"'{v.text}': its {v.category} heads find no region of its own ({'; '.join(reasons)})",
+                 "the object is probably not drawn", v.index,
+                 _pick(s, "peak_ratio", "concentration", "shared_region", "area", "drawn_share", "own_drawn"))
 
 
 def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
@@ -320,10 +326,12 @@ def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | 
     if s.get("side_other") is not None:
         o = views_by(views, s["side_other"]).text
         msg = f"'{v.text}' should be {s['side_rule']} '{o}', but {where}, {off:+.2f} on that side of '{o}'s"
+        verdict = f"it is probably not {s['side_rule']} '{o}'"
     else:
         msg = f"'{v.text}': the prompt puts it at the {s['side_rule']}, but {where} ({off:+.2f} towards that side)"
-    return Flag("misplaced", _severity(excess), msg + f" (threshold {th.position_margin:+.2f})", v.index,
-                _pick(s, "side_offset", "centroid_x", "centroid_y"))
+        verdict = f"it is probably not at the {s['side_rule']}"
+    return _flag("misplaced", excess, msg + f" (threshold {th.position_margin:+.2f})", verdict, v.index,
+                 _pick(s, "side_offset", "centroid_x", "centroid_y"))
 
 
 def _pick(s: dict, *keys) -> dict:

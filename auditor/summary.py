@@ -40,10 +40,21 @@ class Pair:
     seed: int
     types: frozenset  # flag types raised
     scores: dict
+    bound: str | None = None  # text of the object an attribute is said of
+    verdicts: tuple = ()  # what each flag raised says the evidence probably means
+
 
     @property
     def flagged(self) -> bool:
         return bool(self.types)
+
+
+def _bound_text(c: dict, concepts: list[dict]):
+    """The text of the object concept ``c`` is said of (``binds_to`` holds its index; older records the text)."""
+    bound = c.get("binds_to")
+    if isinstance(bound, int) and not isinstance(bound, bool) and 0 <= bound < len(concepts):
+        return concepts[bound].get("text")
+    return bound
 
 
 def concept_labels(concepts: list[dict]) -> list[str]:
@@ -51,9 +62,7 @@ def concept_labels(concepts: list[dict]) -> list[str]:
     when the same word plays the same part twice ("a red cube and a red ball" has two red attributes)."""
     labels = []
     for c in concepts:
-        bound = c.get("binds_to")
-        if isinstance(bound, int) and not isinstance(bound, bool) and 0 <= bound < len(concepts):
-            bound = concepts[bound].get("text")
+        bound = _bound_text(c, concepts)
         role = c.get("role") or "concept"
         labels.append(f"{c.get('text')} ({role} of {bound})" if bound else f"{c.get('text')} ({role})")
     seen: Counter = Counter()
@@ -69,9 +78,11 @@ def pairs_of(generations: list[dict]) -> list[Pair]:
     for g in generations:
         concepts = g.get("concepts") or []
         for label, c in zip(concept_labels(concepts), concepts):
+            flags = c.get("flags") or []
             out.append(Pair(g["prompt_id"], label, str(c.get("text")), c.get("role") or "concept",
                             c.get("category") or UNCATEGORISED, int(g["seed"]),
-                            frozenset(f["type"] for f in c.get("flags") or []), c.get("scores") or {}))
+                            frozenset(f["type"] for f in flags), c.get("scores") or {}, _bound_text(c, concepts),
+                            tuple(f.get("verdict") or "" for f in flags)))
     return out
 
 
@@ -95,7 +106,7 @@ def summarise(generations: list[dict], acceptance=None, max_flag_rate: float = 0
         concepts.append({"prompt_id": pid, "concept": label, "text": ps[0].text, "role": ps[0].role,
                          "category": ps[0].category, "seeds": len(ps), **_rate(k, len(ps)),
                          "by_type": {t: types.get(t, 0) for t in FLAG_TYPES},
-                         "passed": k / len(ps) <= max_flag_rate})
+                         "passed": k / len(ps) <= max_flag_rate, **across_seeds(ps)})
 
     prompt_ids = list(dict.fromkeys(g["prompt_id"] for g in generations))
     failed = [pid for pid in prompt_ids if any(not c["passed"] for c in concepts if c["prompt_id"] == pid)]
@@ -130,6 +141,22 @@ def summarise(generations: list[dict], acceptance=None, max_flag_rate: float = 0
         "concepts": concepts,
         "acceptance": acceptance_results(pairs, acceptance),
     }
+
+
+def across_seeds(ps: list[Pair]) -> dict:
+    """What a concept's flags say over its seeds: ``verdict``, the meaning its flags give most often (None for old
+    runs whose flags carry none), and ``sentence``, one line naming the words ("'purple' on 'star': flagged in 7 of 8
+    seeds (misinterpreted ×7) — the colour is probably not drawn as asked"); both None when it was never flagged."""
+    k = sum(p.flagged for p in ps)
+    if not k:
+        return {"verdict": None, "sentence": None}
+    types = Counter(t for p in ps for t in p.types)
+    said = Counter(v for p in ps for v in p.verdicts if v)
+    verdict = said.most_common(1)[0][0] if said else None
+    name = f"'{ps[0].text}'" + (f" on '{ps[0].bound}'" if ps[0].bound else "")
+    kinds = ", ".join(f"{t} ×{types[t]}" for t in FLAG_TYPES if types.get(t))
+    sentence = f"{name}: flagged in {k} of {len(ps)} seeds ({kinds})" + (f" — {verdict}" if verdict else "")
+    return {"verdict": verdict, "sentence": sentence}
 
 
 def acceptance_results(pairs: list[Pair], acceptance) -> dict:

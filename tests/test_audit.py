@@ -103,6 +103,28 @@ def test_fail_on_exits_1_when_asked(cli, tiny_suite, tmp_path, monkeypatch):
     assert code == 1 and "gate" in err
 
 
+def test_the_audit_prints_each_failing_concepts_sentence(cli, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import auditor.runs as runs
+    from auditor.cli import FAILING_SHOWN
+
+    concepts = [{"prompt_id": f"p{i}", "concept": f"star ({i})", "passed": i % 2 == 1,
+                 "sentence": f"'star': flagged in 4 of 4 seeds (missing ×4) — number {i}"} for i in range(30)]
+    summary = {"prompts": {"passed": 15, "flagged": 15, "total": 30}, "fidelity": {"score": 0.5, "ci": [0.4, 0.6]},
+               "flags_by_type": {"missing": 60}, "concepts": concepts, "acceptance": {}}
+    monkeypatch.setattr(runs, "run_audit", lambda *a, **k: SimpleNamespace(
+        summary=summary, run_dir=tmp_path, generated=120, skipped=0, seconds=1.0, files=[]))
+    monkeypatch.setattr(runs, "raise_gate", lambda result: None)
+    code, out, _ = cli("audit", "any.yaml", "--no-pdf")
+    assert code == 0
+    shown = [line for line in out.splitlines() if line.startswith("  fails")]
+    assert len(shown) == FAILING_SHOWN
+    assert shown[0] == "  fails  p0: 'star': flagged in 4 of 4 seeds (missing ×4) — number 0"
+    assert [int(line.rsplit(" ", 1)[1]) for line in shown] == list(range(0, 2 * FAILING_SHOWN, 2))  # failing only
+    assert "... and 5 more failing concepts" in out  # 15 fail, 10 shown
+
+
 # --- bad input: one line, exit 2, nothing finished lost ---------------------------------------------------------
 
 

@@ -84,8 +84,9 @@ def test_misplaced_attribute_on_the_other_object():
     sc, flags = diagnose(broken, TH)
     assert types_of(flags, 0) == ["misplaced"]
     assert sc[0]["binding_margin"] < -0.1 and sc[0]["other_object"] == 2
-    msg = next(f.message for f in flags if f.concept == 0)
-    assert "'red'" in msg and "'cat'" in msg and "'star'" in msg
+    f = next(f for f in flags if f.concept == 0)
+    assert "'red'" in f.message and "'cat'" in f.message and "'star'" in f.message
+    assert f.verdict == "the colour probably went to 'star'" and f.message.endswith(" — " + f.verdict)
     _, healthy = diagnose(scene(), TH)
     assert types_of(healthy, 0) == []
 
@@ -103,8 +104,8 @@ def test_misplaced_object_against_its_named_position_and_relation():
     rel = scene(relation="to the left of", cat_map=blob(0.8, 0.5), star_map=blob(0.2, 0.5, 0.9),
                 red_map=blob(0.8, 0.5, 0.5))
     _, flags = diagnose(rel, TH)
-    msg = next(f.message for f in flags if f.concept == 1 and f.type == "misplaced")
-    assert "to the left of 'star'" in msg
+    f = next(f for f in flags if f.concept == 1 and f.type == "misplaced")
+    assert "to the left of 'star'" in f.message and f.verdict == "it is probably not to the left of 'star'"
     _, healthy = diagnose(scene(relation="to the left of"), TH)
     assert healthy == []
 
@@ -119,6 +120,7 @@ def test_misinterpreted_when_another_category_wins():
     assert types_of(flags, 0) == ["misinterpreted"]
     msg = flags[0].message
     assert "'orange'" in msg and "food" in msg and "colour" in msg and "log-ratio" in msg
+    assert flags[0].verdict == "the model may have read the word as food" and flags[0].to_json()["verdict"]
     _, healthy = diagnose(orange({"colour": 0.03, "food": 0.01}), TH)
     assert healthy == []
 

@@ -300,6 +300,25 @@ def test_summary_counts_prompts_fidelity_and_acceptance():
     assert summarise(gens, None)["acceptance"] == {"declared": False, "passed": None, "criteria": []}
 
 
+def test_a_failing_concept_gets_one_sentence_across_seeds_naming_its_words():
+    def gen(seed, flags):
+        return {"prompt_id": "p", "seed": seed, "concepts": [
+            {"text": "star", "role": "object", "category": "shape", "flags": []},
+            {"text": "purple", "role": "attribute", "category": "colour", "binds_to": 0, "flags": flags}]}
+
+    not_drawn = {"type": "misinterpreted", "severity": "high", "message": "m",
+                 "verdict": "the colour is probably not drawn as asked"}
+    went = {"type": "misplaced", "severity": "low", "message": "m", "verdict": "the colour probably went to 'cube'"}
+    gens = [gen(0, [not_drawn]), gen(1, [not_drawn, went]), gen(2, [not_drawn]), gen(3, [])]
+    star, purple = summarise(gens)["concepts"]
+    assert star["sentence"] is None and star["verdict"] is None
+    assert purple["verdict"] == "the colour is probably not drawn as asked"  # what most of its flags say
+    assert purple["sentence"] == ("'purple' on 'star': flagged in 3 of 4 seeds (misplaced ×1, misinterpreted ×3) — "
+                                  "the colour is probably not drawn as asked")
+    old = [gen(0, [{"type": "missing", "severity": "low", "message": "m"}])]  # a run stored before verdicts
+    assert summarise(old)["concepts"][1]["sentence"] == "'purple' on 'star': flagged in 1 of 1 seeds (missing ×1)"
+
+
 def test_a_partial_run_gets_a_provisional_summary(tmp_path):
     run = fake_run.build(tmp_path / "r", finish=False)
     with RunStore.open(run) as store:
