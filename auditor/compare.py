@@ -20,7 +20,7 @@ from auditor.errors import AuditorError
 from auditor.manifest import flatten
 from auditor.report.figures import Relevance, read_relevance
 from auditor.store import RELEVANCE_NAME, RunStore
-from auditor.summary import Pair, pairs_of
+from auditor.summary import Pair, across_seeds, pairs_of
 
 BOOTSTRAP_RESAMPLES = 2000
 TOP_CHANGED_HEADS = 10
@@ -145,7 +145,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) 
         for t in tags_of.get(pa.prompt_id, []):  # a suite's tags say what its prompts test ("pair", "defect:x")
             by_tag[t].append((pa, pb))
     concepts = [{"prompt_id": pid, "concept": label, "category": ps[0][0].category, "seeds": [x.seed for x, _ in ps],
-                 **paired_stats(ps, policy)} for (pid, label), ps in by_concept.items()]
+                 **paired_stats(ps, policy), "b_says": across_seeds([y for _, y in ps])["verdict"]}
+                for (pid, label), ps in by_concept.items()]
     categories = [{"category": cat, **paired_stats(ps, policy)} for cat, ps in sorted(by_category.items())]
     tags = [{"tag": t, "prompts": len({x.prompt_id for x, _ in ps}), **paired_stats(ps, policy)}
             for t, ps in sorted(by_tag.items())]
@@ -267,7 +268,8 @@ def to_text(comparison: dict) -> str:
             what = f"tag {r['tag']} ({r['prompts']} prompt{'s' if r['prompts'] != 1 else ''})"
         else:
             what = f"category {r['category']}"
+        says = f" — in B, {r['b_says']}" if r.get("b_says") else ""  # what run B's flags on it say, most often
         lines.append(f"  regression  {what}  flag rate {r['rate_a']:.0%} -> {r['rate_b']:.0%}  "
-                     f"(broken {r['broken']}, fixed {r['fixed']}, McNemar p={r['p']:.3g})")
+                     f"(broken {r['broken']}, fixed {r['fixed']}, McNemar p={r['p']:.3g}){says}")
     lines.append(f"heads: {c['heads']['note']}")
     return "\n".join(lines)

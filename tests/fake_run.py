@@ -38,9 +38,14 @@ LAYERS = ["down_blocks.0.attentions.0", "down_blocks.1.attentions.0", "mid_block
 HEAD_NAMES = [f"{layer}.transformer_blocks.0.attn2#h{j}" for layer in LAYERS for j in range(8)]
 METHODS = ("selective", "all_heads")
 MESSAGES = {
-    "missing": "'{t}': its {c} heads find no region of its own — the object is probably not drawn",
+    "missing": "'{t}': its {c} heads find no region of its own",
     "misplaced": "'{t}': its {c} heads put most of its attention on another object",
     "misinterpreted": "'{t}' reads as another category, not {c}",
+}
+VERDICTS = {
+    "missing": "the object is probably not drawn",
+    "misplaced": "the {c} probably went to another object",
+    "misinterpreted": "the model may have misread the word",
 }
 
 
@@ -102,8 +107,10 @@ def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0
                 flags = []
                 if draw < forced.get((pid, word), flag_rate):
                     ftype = "missing" if role == "object" else "misplaced"
+                    verdict = VERDICTS[ftype].format(c=cat)
                     flags.append({"type": ftype, "severity": ["low", "medium", "high"][severity],
-                                  "message": MESSAGES[ftype].format(t=word, c=cat)})
+                                  "message": MESSAGES[ftype].format(t=word, c=cat) + " — " + verdict,
+                                  "verdict": verdict})
                 method = "selective" if cat in CATEGORIES else "all_heads"
                 rec = {"id": i, "text": word, "lemma": word, "role": role, "category": cat,
                        "category_source": "lexicon", "binds_to": binds, "token_indices": [i + 2], "flags": flags,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import fake_run
-from auditor.compare import POLICY, compare_runs, gate, mcnemar_exact, paired_bootstrap
+from auditor.compare import POLICY, compare_runs, gate, mcnemar_exact, paired_bootstrap, to_text
 from auditor.errors import AuditorError
 from auditor.report.compare_report import write_compare
 
@@ -57,6 +57,8 @@ def test_the_planted_regression_is_found_and_nothing_else(runs):
     red = c["regressions"][0]
     assert (red["rate_a"], red["rate_b"], red["broken"], red["fixed"], red["p"]) == (0.0, 1.0, 3, 0, 0.25)
     assert red["scores"]["concentration"]["clear"] and red["scores"]["concentration"]["mean_delta"] < 0
+    assert red["b_says"] == "the colour probably went to another object"  # what B's flags on it say
+    assert to_text(c).splitlines()[1].endswith("— in B, the colour probably went to another object")
     assert c["improvements"] == [] and c["warnings"] == []
     assert gate(c, None, "regression") and gate(c, 0, None) and gate(c, 1, None) is None
 
@@ -147,6 +149,7 @@ def test_compare_report_shows_the_regressed_maps_side_by_side(tmp_path, runs):
     # red in 3 seeds x (image + selective map) x 2 runs, plus the head figure; all copies inside the compare folder
     assert len(srcs) == 13 and all((tmp_path / "cmp" / s).is_file() and s.startswith(("runs/", "figures/")) for s in srcs)
     assert "red (attribute of cube)" in html and "McNemar" in html and "&lt;script&gt;" not in html  # no hostile prompt regressed
+    assert "in B: the colour probably went to another object" in html
     ids, hrefs = set(re.findall(r'id="([^"]+)"', html)), re.findall(r'href="#([^"]+)"', html)
     assert "ev-1" in hrefs and set(hrefs) <= ids  # the regressions table links to each regressed concept's evidence
 
