@@ -13,7 +13,8 @@ one model mean the same thing on another.
   empty background in the image (``drawn_share``, from ``auditor.pixels``). On a plain background, an object whose
   map peaks on a drawn thing of its own (``own_drawn``) is not flagged by the attention rules alone (``overruled``);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
-  (``binding_margin``: own-region share minus the best other object's share), or an object's map sits on the wrong
+  (``binding_margin``: own-region share minus the best other object's share; not when that other object is judged
+  missing in the image), or an object's map sits on the wrong
   side of the image or of another object for the position or relation the prompt names (``side_offset``);
 - **misinterpreted**: for a word with several candidate readings (categories), its attention within each
   category's top heads is stronger for another category than the one its role implies (``category_margin``); or,
@@ -216,17 +217,20 @@ def _side_scores(v: ConceptView, sc: dict) -> dict:
 def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresholds) -> list[Flag]:
     """The flags the thresholds raise on precomputed scores (no maps needed)."""
     flags: list[Flag] = []
+    missing = {v.index: _missing(v, sc[v.index], views, th) for v in views if v.role == "object"}
     for v in views:
         s = sc[v.index]
         name = f"'{v.text}'"
         if v.role == "object":
-            f = _missing(v, s, views, th)
-            if f:
-                flags.append(f)
+            if missing[v.index]:
+                flags.append(missing[v.index])
             f = _misplaced_object(v, s, views, th)
             if f:
                 flags.append(f)
-        if s.get("binding_margin") is not None and s["binding_margin"] < th.min_binding_margin:
+        # An attribute's attention on another object's region says it went to that object only if that object is
+        # drawn: beside an object judged missing, its flag says why the prompt failed and this one would misstate it.
+        if s.get("binding_margin") is not None and s["binding_margin"] < th.min_binding_margin \
+                and not missing.get(s["other_object"]):
             own = views_by(views, v.binds_to).text
             other = views_by(views, s["other_object"]).text
             excess = _past(s["binding_margin"], th.min_binding_margin, "low", -1.0, 1.0)

@@ -91,6 +91,14 @@ def test_misplaced_attribute_on_the_other_object():
     assert types_of(healthy, 0) == []
 
 
+def test_an_attribute_is_not_said_to_go_to_an_object_judged_missing():
+    red_on_star = blob(0.75, 0.5, 0.5)
+    _, flags = diagnose(scene(red_map=red_on_star), TH)  # the star is drawn: 'red' went to it
+    assert types_of(flags, 0) == ["misplaced"]
+    _, flags = diagnose(scene(red_map=red_on_star, star_map=blob(0.75, 0.5, peak=0.2)), TH)  # the star is missing
+    assert types_of(flags, 2) == ["missing"] and types_of(flags, 0) == []
+
+
 def test_misplaced_object_against_its_named_position_and_relation():
     broken = scene(cat_position="left", cat_map=blob(0.8, 0.5), star_map=blob(0.2, 0.5, 0.9),
                    red_map=blob(0.8, 0.5, 0.5))

@@ -47,7 +47,7 @@ THRESHOLD_MEANINGS = {
                          "inside its own region",
     "max_shared_region": "missing when an object's region overlaps another object's by more than this (IoU)",
     "min_binding_margin": "misplaced when an attribute's share on its own object minus its share on another object "
-                          "is below this",
+                          "(one not judged missing) is below this",
     "position_margin": "misplaced when an object's centre is not at least this far (fraction of the image) on the "
                        "side the prompt names",
     "min_category_margin": "misinterpreted when the log-ratio of the expected reading's response to the strongest "
