@@ -14,8 +14,8 @@ one model mean the same thing on another.
   map peaks on a drawn thing of its own (``own_drawn``) is not flagged by the attention rules alone (``overruled``);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
   (``binding_margin``: own-region share minus the best other object's share; not when that other object is judged
-  missing in the image), or an object's map sits on the wrong
-  side of the image or of another object for the position or relation the prompt names (``side_offset``);
+  missing in the image), or an object's map sits on the wrong side of the image or of another object for the
+  position or relation the prompt names (``side_offset``);
 - **misinterpreted**: for a word with several candidate readings (categories), its attention within each
   category's top heads is stronger for another category than the one its role implies (``category_margin``); or,
   for a colour word, the image holds little of that colour where its colour heads look or its object's map lies

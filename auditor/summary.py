@@ -43,7 +43,6 @@ class Pair:
     bound: str | None = None  # text of the object an attribute is said of
     verdicts: tuple = ()  # what each flag raised says the evidence probably means
 
-
     @property
     def flagged(self) -> bool:
         return bool(self.types)
@@ -155,7 +154,8 @@ def across_seeds(ps: list[Pair]) -> dict:
     verdict = said.most_common(1)[0][0] if said else None
     name = f"'{ps[0].text}'" + (f" on '{ps[0].bound}'" if ps[0].bound else "")
     kinds = ", ".join(f"{t} ×{types[t]}" for t in FLAG_TYPES if types.get(t))
-    sentence = f"{name}: flagged in {k} of {len(ps)} seeds ({kinds})" + (f" — {verdict}" if verdict else "")
+    seeds = f"{len(ps)} seed{'s' if len(ps) != 1 else ''}"
+    sentence = f"{name}: flagged in {k} of {seeds} ({kinds})" + (f" — {verdict}" if verdict else "")
     return {"verdict": verdict, "sentence": sentence}
 
 

@@ -316,7 +316,7 @@ def test_a_failing_concept_gets_one_sentence_across_seeds_naming_its_words():
     assert purple["sentence"] == ("'purple' on 'star': flagged in 3 of 4 seeds (misplaced ×1, misinterpreted ×3) — "
                                   "the colour is probably not drawn as asked")
     old = [gen(0, [{"type": "missing", "severity": "low", "message": "m"}])]  # a run stored before verdicts
-    assert summarise(old)["concepts"][1]["sentence"] == "'purple' on 'star': flagged in 1 of 1 seeds (missing ×1)"
+    assert summarise(old)["concepts"][1]["sentence"] == "'purple' on 'star': flagged in 1 of 1 seed (missing ×1)"
 
 
 def test_a_partial_run_gets_a_provisional_summary(tmp_path):
