@@ -101,7 +101,6 @@ def suite_check_cmd(
 
 # --- engine: maps of one prompt, head-relevance calibration (auditor.engine) ---------------------------------------
 
-FAILING_SHOWN = 10  # failing concepts an audit prints, one line each; the report lists them all
 _MODEL_HELP = "A bundled model name, a local diffusers folder, or a hub id already in the local cache."
 
 
@@ -200,6 +199,9 @@ def _seed_list(text: Optional[str]) -> Optional[list[int]]:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise AuditorError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
     return seeds
+
+
+FAILING_SHOWN = 10  # failing concepts an audit prints, one line each; the report lists them all
 
 
 @app.command("audit")

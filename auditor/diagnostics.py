@@ -141,6 +141,8 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
     masks = {v.index: binarize(v.raw) for v in views}
     objects = [v for v in views if v.role == "object"]
     top_peak = max((float(v.raw.max()) for v in objects), default=0.0)
+    own_drawn = pixels.own_drawn_shares({o.index: o.raw for o in objects}, px) \
+        if px is not None and len(objects) > 1 else None
     out: dict[int, dict] = {}
     for v in views:
         m = masks[v.index]
@@ -174,10 +176,8 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
             s["rival_category"] = rc
         if px is not None and v.role == "object":
             s["drawn_share"] = pixels.drawn_share(v.raw, px)
-            own = pixels.own_drawn_share(v.raw, [o.raw for o in objects if o.index != v.index], px) \
-                if len(objects) > 1 else None
-            if own is not None:
-                s["own_drawn"] = own
+            if own_drawn is not None:
+                s["own_drawn"] = own_drawn[v.index]
         if px is not None and v.role == "attribute" and pixels.checkable(v.text):
             # Where the word looks or where its object is: a word whose attention strays to the other object (the
             # binding scores judge that) must not read as a colour not drawn when its object has the colour.

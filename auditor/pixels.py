@@ -10,7 +10,7 @@ is the term most frequent along the image border, and a concept's own map weighs
   counts 1/256) that is not background. A drawn object's map peaks on the object; a neglected one's on empty
   background. On an image without a plain background (a photograph) nearly every pixel is "drawn", so the score
   stays high and never flags: the check helps where backgrounds are plain and is silent elsewhere.
-- ``own_drawn_share`` (objects beside other objects): the share of the map's peak region on one drawn thing (a
+- ``own_drawn_shares`` (objects beside other objects): the share of the map's peak region on one drawn thing (a
   connected non-background region) that no other object's map peaks on most. High = the word attends to something
   drawn of its own, which contradicts "not drawn" (the diagnostics let it overrule their attention-only rules).
   Only on a plain background (``PLAIN``): on a busy image any scenery is a "drawn thing", and the score is None.
@@ -93,26 +93,24 @@ def drawn_share(raw: np.ndarray, px: Pixels) -> float:
 PLAIN = 0.5  # least share of background pixels for an image to count as a plain background (shapes: 5th pct 0.60)
 
 
-def own_drawn_share(raw: np.ndarray, others: list[np.ndarray], px: Pixels) -> float | None:
-    """Share of the map's peak region on the drawn region it peaks on most, when no map of ``others`` peaks on
-    that same region most (0.0 when one does); None unless the background is plain."""
+def own_drawn_shares(raws: dict[int, np.ndarray], px: Pixels) -> dict[int, float] | None:
+    """Per object (key -> its map): the share of its map's peak region on the drawn region it peaks on most, or 0.0
+    when another object's map peaks on that same region most; None unless the background is plain. The image's
+    regions are labelled once and each map weighed once, however many objects there are."""
     from skimage.measure import label
 
     if float(np.mean(~px.drawn)) < PLAIN:
         return None
     regions = label(px.drawn, connectivity=1).ravel()  # 0 = background
-
-    def share_by_region(m: np.ndarray) -> np.ndarray:
-        w = _weights(m, px.terms.shape, PEAK_POWER).ravel()
-        per = np.bincount(regions, weights=w, minlength=int(regions.max()) + 1) / (float(w.sum()) + 1e-12)
-        per[0] = 0.0
-        return per
-
-    mine = share_by_region(raw)
-    best = int(mine.argmax())
-    if best == 0 or any(int(share_by_region(o).argmax()) == best for o in others):
-        return 0.0
-    return float(mine[best])
+    n = int(regions.max()) + 1
+    shares = {}
+    for key, raw in raws.items():
+        w = _weights(raw, px.terms.shape, PEAK_POWER).ravel()
+        shares[key] = np.bincount(regions, weights=w, minlength=n) / (float(w.sum()) + 1e-12)
+        shares[key][0] = 0.0
+    best = {key: int(per.argmax()) for key, per in shares.items()}
+    return {key: 0.0 if best[key] == 0 or any(best[o] == best[key] for o in best if o != key)
+            else float(shares[key][best[key]]) for key in shares}
 
 
 def colour_scores(raw: np.ndarray, word: str, px: Pixels) -> dict | None:

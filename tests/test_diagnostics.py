@@ -187,8 +187,9 @@ def test_own_drawn_is_zero_when_another_objects_map_peaks_on_the_same_drawn_thin
     img = painted((215, 45, 35))
     img[29:35, 16:48] = (215, 45, 35)  # a bar joins the two discs into one drawn region
     px = pixels.read(img)
-    assert pixels.own_drawn_share(blob(0.75, 0.5), [blob(0.25, 0.5)], px) == 0.0
-    assert pixels.own_drawn_share(blob(0.75, 0.5), [blob(0.25, 0.5)], pixels.read(painted((215, 45, 35)))) > 0.9
+    maps = {2: blob(0.75, 0.5), 1: blob(0.25, 0.5)}
+    assert pixels.own_drawn_shares(maps, px)[2] == 0.0
+    assert pixels.own_drawn_shares(maps, pixels.read(painted((215, 45, 35))))[2] > 0.9
 
 
 def test_colour_check_skips_words_without_a_value_and_images_it_cannot_read():
