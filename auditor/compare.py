@@ -115,14 +115,42 @@ class _Run:
                 "fingerprint": m.get("fingerprint"), "suite_sha256": (self.manifest.get("suite") or {}).get("sha256")}
 
 
-def _load(path: str | Path) -> _Run:
-    with RunStore.open(path) as store:
+def _load(path: str | Path, allow_partial: bool, force: bool, notes: dict) -> _Run:
+    """Read a run (under a shared lock: no audit or re-render may be writing it), refusing one whose files differ
+    from its records unless ``force``, and an unfinished one unless ``allow_partial``; what was let through is noted
+    in ``notes`` for the report's first page."""
+    with RunStore.open(path, readonly=True) as store:
+        problems = store.evidence_problems(store.verify())  # what compare reads: records, images, maps, relevance
+        if problems and not force:
+            raise store.integrity_error(problems, "compare it anyway with --force, which the compare report states")
+        done, planned = store.progress()
+        if not store.is_finished:
+            if not allow_partial:
+                raise AuditorError(f"{store.dir}: the run is not finished ({done} of {planned or '?'} generations); "
+                                   f"finish it with `auditor audit SUITE --resume {store.dir}`, or compare it as it "
+                                   f"is with --allow-partial")
+            notes["partial"].append({"dir": str(store.dir), "run_id": store.manifest.get("run_id"),
+                                     "generations": done, "planned": planned})
+        if problems:
+            notes["forced"].append({"dir": str(store.dir), "run_id": store.manifest.get("run_id"),
+                                    "problems": problems})
         return _Run(store.dir, store.manifest, store.generations(), read_relevance(store.dir / RELEVANCE_NAME))
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) -> dict:
-    """Compare run B against run A (the reference). Raises AuditorError when they cannot be compared."""
-    a, b = _load(run_a), _load(run_b)
+def _categories(run: _Run) -> set[str] | None:
+    """The categories the run's model has calibrated heads for (its relevance matrix), None when unknown."""
+    if run.relevance is not None:
+        return set(run.relevance.categories)
+    cats = (run.manifest.get("relevance") or {}).get("categories")
+    return set(cats) if isinstance(cats, list) else None
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY, allow_partial: bool = False,
+                 force: bool = False) -> dict:
+    """Compare run B against run A (the reference). Raises AuditorError when they cannot be compared: an unfinished
+    run unless ``allow_partial``, a folder that differs from its records unless ``force``."""
+    notes: dict = {"partial": [], "forced": []}
+    a, b = _load(run_a, allow_partial, force, notes), _load(run_b, allow_partial, force, notes)
     suite_a, suite_b = (a.manifest.get("suite") or {}).get("name"), (b.manifest.get("suite") or {}).get("name")
     if suite_a != suite_b:
         raise AuditorError(f"{run_a} and {run_b} audited different suites ('{suite_a}' vs '{suite_b}'); "
@@ -131,9 +159,29 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) 
     if seeds_a != seeds_b:
         raise AuditorError(f"{run_a} and {run_b} used different seeds ({seeds_a} vs {seeds_b}); paired statistics "
                            f"need the same seeds")
+    for run, m in ((run_a, a.manifest), (run_b, b.manifest)):
+        if m.get("calibrated") is False:
+            raise AuditorError(f"{run} is uncalibrated (its model's profile had no diagnostic thresholds, so it "
+                               f"flagged nothing): its flags cannot be compared; calibrate the model and audit again")
     warnings, matched = _match(a, b)
+    warnings += _profile_differences(a.manifest, b.manifest)
+    not_comparable = _not_comparable(a, b)
+    if not_comparable:
+        only = set(not_comparable["only_a"]) | set(not_comparable["only_b"])
+        left_out = [(pa, pb) for pa, pb in matched if pa.category in only or pb.category in only]
+        matched = [(pa, pb) for pa, pb in matched if pa.category not in only and pb.category not in only]
+        not_comparable["observations_left_out"] = len(left_out)
+        not_comparable["concepts_left_out"] = sorted({f"{pa.prompt_id}: {pa.concept}" for pa, _ in left_out})
+        warnings.append(_not_comparable_text(not_comparable))
+    for n in notes["partial"]:
+        warnings.append(f"run {n['run_id']} is unfinished ({n['generations']} of {n['planned'] or '?'} generations; "
+                        f"--allow-partial): compared on its finished generations only")
+    for n in notes["forced"]:
+        warnings.append(f"run {n['run_id']} differs from what its audit recorded ({'; '.join(n['problems'][:3])}"
+                        f"{'; …' if len(n['problems']) > 3 else ''}): compared anyway (--force)")
     if not matched:
-        raise AuditorError(f"{run_a} and {run_b} have no finished (prompt, seed, concept) in common to compare")
+        why = f" ({_not_comparable_text(not_comparable)})" if not_comparable else ""
+        raise AuditorError(f"{run_a} and {run_b} have no finished (prompt, seed, concept) in common to compare{why}")
 
     by_concept: dict[tuple[str, str], list] = defaultdict(list)
     by_category: dict[str, list] = defaultdict(list)
@@ -156,7 +204,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) 
     levels = [("concept", concepts), ("tag", tags), ("category", categories)]
     regressions = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "regression"]
     improvements = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "improvement"]
-    k = int((a.manifest.get("method") or {}).get("k") or 8)
+    k = _heads_k(a.manifest)
     return {
         "run_a": a.info, "run_b": b.info, "suite": suite_a, "seeds": seeds_a,
         "warnings": warnings,
@@ -167,7 +215,63 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY) 
         "regressions": regressions, "improvements": improvements,
         "heads": compare_heads(a.relevance, b.relevance, k),
         "manifest_differences": _differences(a.manifest, b.manifest),
+        "partial": notes["partial"], "forced": notes["forced"], "not_comparable": not_comparable,
     }
+
+
+def _heads_k(m: dict) -> int:
+    """How many top heads per category the head-role comparison shows: the run's --k, else its profile's
+    category-response k (runs before profiles recorded one k for everything)."""
+    k = (m.get("method") or {}).get("k") or (m.get("profile") or {}).get("response_k") \
+        or (m.get("thresholds") or {}).get("k")
+    if not k:
+        raise AuditorError(f"run {m.get('run_id')}: its manifest records no k for its heads")
+    return int(k)
+
+
+def _profile_differences(ma: dict, mb: dict) -> list[str]:
+    """What differs between the two runs' audit profiles, in words: each difference means a flag in A and one in
+    B were not decided the same way, so the comparison measures the models and the profiles together."""
+    out = []
+    pa, pb = ma.get("profile") or {}, mb.get("profile") or {}
+    if pa.get("sha256") == pb.get("sha256") and pa:
+        return out
+    if pa.get("maps_ranking") != pb.get("maps_ranking"):
+        out.append(f"the runs' selective maps rank heads differently ({pa.get('maps_ranking') or 'hrv'} in A, "
+                   f"{pb.get('maps_ranking') or 'hrv'} in B)")
+    ka, kb = pa.get("k_per_category") or {}, pb.get("k_per_category") or {}
+    diff_k = [f"{c} {ka.get(c, '—')} vs {kb.get(c, '—')}" for c in sorted(set(ka) | set(kb)) if ka.get(c) != kb.get(c)]
+    if diff_k:
+        out.append("the runs' profiles keep different numbers of heads per category (k: " + ", ".join(diff_k[:8])
+                   + (", …" if len(diff_k) > 8 else "") + "); each run's maps use its own model's heads")
+    ta, tb = ma.get("thresholds") or {}, mb.get("thresholds") or {}
+    diff_t = [n for n in sorted(set(ta) | set(tb)) if n != "k" and ta.get(n) != tb.get(n)]
+    if diff_t:
+        out.append("the runs were judged by different thresholds (" + ", ".join(
+            f"{n} {ta.get(n)} vs {tb.get(n)}" for n in diff_t[:6]) + (", …" if len(diff_t) > 6 else "")
+            + "): a flag rate change may come from the thresholds, not the model")
+    return out
+
+
+def _not_comparable(a: _Run, b: _Run) -> dict | None:
+    """Categories only one run's model has heads for: its concepts there were judged on selective maps in one run and
+    on the all-heads fallback in the other, so their flags do not measure the same thing."""
+    ca, cb = _categories(a), _categories(b)
+    if ca is None or cb is None or ca == cb:
+        return None
+    return {"only_a": sorted(ca - cb), "only_b": sorted(cb - ca), "shared": sorted(ca & cb)}
+
+
+def _not_comparable_text(nc: dict) -> str:
+    def names(xs):
+        return ", ".join(xs[:8]) + (f" and {len(xs) - 8} more" if len(xs) > 8 else "")
+
+    sides = [f"{len(nc['only_a'])} only in A ({names(nc['only_a'])})" if nc["only_a"] else "",
+             f"{len(nc['only_b'])} only in B ({names(nc['only_b'])})" if nc["only_b"] else ""]
+    return (f"the runs' relevance matrices have different categories: {'; '.join(x for x in sides if x)}; "
+            f"compared on the {len(nc['shared'])} shared categories, leaving out "
+            f"{nc.get('observations_left_out', 0)} observations of {len(nc.get('concepts_left_out', []))} concepts "
+            f"in the others")
 
 
 def _match(a: _Run, b: _Run) -> tuple[list[str], list[tuple[Pair, Pair]]]:
@@ -210,6 +314,8 @@ def compare_heads(a: Relevance | None, b: Relevance | None, k: int) -> dict:
         return {"comparable": False, "note": f"different architectures ({len(a.head_names)} heads vs "
                                              f"{len(b.head_names)}): compared at concept level only"}
     cats = [c for c in a.categories if c in b.categories]
+    if not cats:
+        return {"comparable": False, "note": "the relevance matrices share no category: compared at concept level only"}
     overlap = {c: len(set(a.top(c, k)) & set(b.top(c, k))) / k for c in cats}
     ia, ib = [a.categories.index(c) for c in cats], [b.categories.index(c) for c in cats]
     # A head's role: how its relevance spreads over the categories (its column, made a distribution).
@@ -220,7 +326,9 @@ def compare_heads(a: Relevance | None, b: Relevance | None, k: int) -> dict:
     changed = [{"head": a.head_names[i], "role_a": cats[int(pa[:, i].argmax())], "role_b": cats[int(pb[:, i].argmax())],
                 "change": round(float(change[i]), 4)} for i in order]
     return {"comparable": True, "k": k, "categories": cats, "overlap": {c: round(v, 4) for c, v in overlap.items()},
-            "changed": changed, "note": f"same architecture ({len(a.head_names)} heads): relevance compared head by head"}
+            "changed": changed, "note": f"same architecture ({len(a.head_names)} heads): relevance compared head by head"
+                                        + (f" over the {len(cats)} categories both matrices have"
+                                           if len(cats) < max(len(a.categories), len(b.categories)) else "")}
 
 
 def _differences(ma: dict, mb: dict) -> list[dict]:

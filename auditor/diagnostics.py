@@ -22,7 +22,8 @@ one model mean the same thing on another.
   (``colour_share``, from ``auditor.pixels``: attention alone cannot tell which colour was drawn).
 
 Scores do not depend on thresholds: ``scores`` computes them, ``flags_from_scores`` applies thresholds, so stored
-results can be re-judged (``flags_from_records``) without the maps. Thresholds: ``auditor.thresholds`` (one place).
+results can be re-judged (``flags_from_records``) without the maps. Thresholds come from the model's audit profile
+(``auditor.profile``); ``auditor.thresholds`` says what each one cuts.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
                 flags.append(f)
         # An attribute's attention on another object's region says it went to that object only if that object is
         # drawn: beside an object judged missing, its flag says why the prompt failed and this one would misstate it.
-        if s.get("binding_margin") is not None and s["binding_margin"] < th.min_binding_margin \
+        if s.get("binding_margin") is not None and th.min_binding_margin is not None \
+                and s["binding_margin"] < th.min_binding_margin \
                 and not missing.get(s["other_object"]):
             own = views_by(views, v.binds_to).text
             other = views_by(views, s["other_object"]).text
@@ -240,7 +242,8 @@ def flags_from_scores(views: list[ConceptView], sc: dict[int, dict], th: Thresho
                                f"{s['binding_margin']:+.2f}, threshold {th.min_binding_margin:+.2f})",
                                f"the {v.category} probably went to '{other}'",
                                v.index, _pick(s, "own_share", "other_share", "binding_margin")))
-        if s.get("category_margin") is not None and s["category_margin"] < th.min_category_margin:
+        if s.get("category_margin") is not None and th.min_category_margin is not None \
+                and s["category_margin"] < th.min_category_margin:
             excess = _past(s["category_margin"], th.min_category_margin, "low",
                            th.min_category_margin - 2.0, th.min_category_margin + 2.0)
             flags.append(_flag("misinterpreted", excess,
@@ -267,7 +270,7 @@ def _beyond(s: dict, th: Thresholds, name: str) -> float | None:
     shares span [0, 1]); None when the score is absent or on the healthy side."""
     score, direction, _ = SCORE_DIRECTIONS[name]
     value, cut = s.get(score), getattr(th, name)
-    if value is None or (value >= cut if direction == "low" else value <= cut):
+    if value is None or cut is None or (value >= cut if direction == "low" else value <= cut):
         return None
     return _past(value, cut, direction, 0.0, 1.0)
 
@@ -290,7 +293,7 @@ def overruled(name: str, s: dict, th: Thresholds) -> bool:
     tuned without this rule, it silenced 14 of the 33 missing flags on healthy shapes-v1 tuning concepts and 3 of
     the 12 false star flags of the shapes-v2 evaluation, and no true one."""
     own = s.get("own_drawn")
-    return name in ATTENTION_ONLY and own is not None and own >= th.min_drawn_share
+    return name in ATTENTION_ONLY and own is not None and th.min_drawn_share is not None and own >= th.min_drawn_share
 
 
 def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
@@ -323,7 +326,7 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
 
 def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
     off = s.get("side_offset")
-    if off is None or off >= th.position_margin:
+    if off is None or th.position_margin is None or off >= th.position_margin:
         return None
     excess = _past(off, th.position_margin, "low", -0.5, 0.5)
     where = f"its map is centred at x={s['centroid_x']:.2f}, y={s['centroid_y']:.2f}"
@@ -342,11 +345,12 @@ def _pick(s: dict, *keys) -> dict:
     return {k: s[k] for k in keys if s.get(k) is not None}
 
 
-def diagnose(views: list[ConceptView], th: Thresholds, image: np.ndarray | None = None
+def diagnose(views: list[ConceptView], th: Thresholds | None, image: np.ndarray | None = None
              ) -> tuple[dict[int, dict], list[Flag]]:
-    """Scores and flags for every concept of one generation (``image``: see ``scores``)."""
+    """Scores and flags for every concept of one generation (``image``: see ``scores``). Without thresholds (an
+    uncalibrated profile) there are scores and no flags: nothing says where a score turns bad."""
     sc = scores(views, image)
-    return sc, flags_from_scores(views, sc, th)
+    return sc, ([] if th is None else flags_from_scores(views, sc, th))
 
 
 # --- stored results -------------------------------------------------------------------------------------------

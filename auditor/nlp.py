@@ -1,4 +1,4 @@
-"""Loading the spaCy English pipeline, once per process."""
+"""Loading the spaCy English pipeline, once per process, and normalising a prompt's text before it is parsed."""
 
 from __future__ import annotations
 
@@ -28,3 +28,31 @@ def _load_first_installed():
             return spacy.load(name, exclude=list(_EXCLUDE))
     wanted = " or ".join(_PIP_NAMES[n] for n in MODEL_PACKAGES)
     raise AuditorError(f"no spaCy English model is installed; install {wanted}")
+
+
+def normalise_prompt(text: str) -> tuple[str, tuple[str, ...]]:
+    """The prompt as it is parsed: NFKC-normalised, with invisible format characters (zero-width spaces and
+    joiners, bidi embeddings, overrides and marks, soft hyphens, byte-order marks) and control characters other
+    than whitespace removed. These change how the text is split and tokenised without changing what a reader sees,
+    so a parse of the raw text would silently differ from the prompt the user meant.
+
+    Returns (normalised text, what was changed: one readable line per kind of change; empty when unchanged)."""
+    import unicodedata
+
+    changes: list[str] = []
+    removed: dict[str, int] = {}
+    kept = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cf" or (cat == "Cc" and not ch.isspace()):
+            removed[ch] = removed.get(ch, 0) + 1
+        else:
+            kept.append(ch)
+    out = "".join(kept)
+    if removed:
+        names = ", ".join(f"U+{ord(ch):04X} {unicodedata.name(ch, 'control')} x{n}" for ch, n in removed.items())
+        changes.append(f"removed {sum(removed.values())} invisible character(s): {names}")
+    folded = unicodedata.normalize("NFKC", out)
+    if folded != out:
+        changes.append("compatibility characters folded (NFKC)")
+    return folded, tuple(changes)

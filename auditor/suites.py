@@ -36,6 +36,7 @@ from auditor.errors import AuditorError
 
 FLAG_TYPES = ("missing", "misplaced", "misinterpreted", "any")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MAX_SEED = 2 ** 63 - 1  # the run store keeps seeds as SQLite integers (auditor.store.MAX_SEED)
 
 
 class _Model(BaseModel):
@@ -59,6 +60,8 @@ class Defaults(_Model):
     def _seeds(cls, v):
         if any(s < 0 for s in v) or len(set(v)) != len(v):
             raise ValueError("seeds must be distinct integers >= 0")
+        if any(s > _MAX_SEED for s in v):
+            raise ValueError(f"seeds must be at most {_MAX_SEED}")
         return v
 
     @field_validator("resolution", mode="before")

@@ -15,6 +15,8 @@ UNCATEGORISED = "uncategorised"
 FIDELITY_DEFINITION = ("the share of (concept, seed) pairs with no flag: every concept of every prompt, in every "
                        "seed's image, counts once; 1.0 means no diagnostic fired anywhere")
 PROMPT_RULE = "a prompt passes when none of its concepts is flagged in more than {rate:.0%} of its seeds"
+UNCALIBRATED_RULE = ("uncalibrated: the model's profile has no diagnostic thresholds, so no concept is flagged and "
+                     "no prompt can fail; run `auditor calibrate` for verdicts")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -90,9 +92,10 @@ def _rate(k: int, n: int) -> dict:
     return {"flagged": k, "pairs": n, "rate": round(k / n, 4) if n else None, "ci": [round(lo, 4), round(hi, 4)]}
 
 
-def summarise(generations: list[dict], acceptance=None, max_flag_rate: float = 0.5) -> dict:
+def summarise(generations: list[dict], acceptance, max_flag_rate: float | None) -> dict:
     """Summary of a run's finished generations. ``acceptance`` is the suite's block (dict or pydantic model) or None;
-    ``max_flag_rate`` is the per-concept rate across seeds above which a concept fails its prompt."""
+    ``max_flag_rate`` is the per-concept rate across seeds above which a concept fails its prompt (the profile's;
+    None for an uncalibrated profile, whose runs raise no flag, so nothing fails and ``calibrated`` is False)."""
     pairs = pairs_of(generations)
     by_concept: dict[tuple[str, str], list[Pair]] = defaultdict(list)
     for p in pairs:
@@ -105,7 +108,7 @@ def summarise(generations: list[dict], acceptance=None, max_flag_rate: float = 0
         concepts.append({"prompt_id": pid, "concept": label, "text": ps[0].text, "role": ps[0].role,
                          "category": ps[0].category, "seeds": len(ps), **_rate(k, len(ps)),
                          "by_type": {t: types.get(t, 0) for t in FLAG_TYPES},
-                         "passed": k / len(ps) <= max_flag_rate, **across_seeds(ps)})
+                         "passed": max_flag_rate is None or k / len(ps) <= max_flag_rate, **across_seeds(ps)})
 
     prompt_ids = list(dict.fromkeys(g["prompt_id"] for g in generations))
     failed = [pid for pid in prompt_ids if any(not c["passed"] for c in concepts if c["prompt_id"] == pid)]
@@ -130,8 +133,10 @@ def summarise(generations: list[dict], acceptance=None, max_flag_rate: float = 0
         "generations": len(generations),
         "seeds": sorted({int(g["seed"]) for g in generations}),
         "max_flag_rate": max_flag_rate,
+        "calibrated": max_flag_rate is not None,
         "prompts": {"total": len(prompt_ids), "passed": len(prompt_ids) - len(failed), "flagged": len(failed),
-                    "flagged_ids": failed, "rule": PROMPT_RULE.format(rate=max_flag_rate)},
+                    "flagged_ids": failed,
+                    "rule": UNCALIBRATED_RULE if max_flag_rate is None else PROMPT_RULE.format(rate=max_flag_rate)},
         "fidelity": {"score": round(clean / len(pairs), 4) if pairs else None, "clean": clean, "pairs": len(pairs),
                      "ci": [round(lo, 4), round(hi, 4)], "definition": FIDELITY_DEFINITION},
         "flags_by_type": {t: flag_types.get(t, 0) for t in FLAG_TYPES},

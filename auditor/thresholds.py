@@ -1,50 +1,53 @@
-"""Every diagnostic threshold, in one place.
+"""The diagnostic thresholds: what each one cuts. Their values live in a model's audit profile (``auditor.profile``).
 
-``auditor/thresholds.json`` (beside this file) holds the calibrated values and overrides the defaults below; the
-run manifest records the values actually used. It is written by ``bench/diagnostics.py tune``: shapes-v1 (the
-healthy bundled model) generates the TUNING prompts (grammar prompts from their own rng seed, disjoint from the
-evaluation prompts and from every shipped suite); over the concepts the oracle confirms drawn as asked, each
-score's threshold sits at the same low (or, for "high is bad" scores, high) quantile of its distribution, that
-quantile chosen so that 5% of those healthy concepts get a flag. The file's ``provenance`` says which prompts,
-seeds, model, relevance matrix and quantile; ``load`` ignores it. The defaults below are only a fallback.
+No value here is a default: a threshold fitted to one model says nothing about another. A profile gets its
+thresholds from a calibration (``auditor.calibration.fit_thresholds``: each score's cut at a quantile of its
+distribution over a set of concepts, the quantile chosen to meet a flag budget), with the provenance beside them;
+a profile without thresholds is *uncalibrated* and its audits raise no flag. A single threshold may be None: the
+calibration saw no concept its rule judges, so the rule stays silent rather than guess.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
-CALIBRATED = Path(__file__).resolve().parent / "thresholds.json"
+from auditor.errors import AuditorError
 
 
 @dataclass(frozen=True)
 class Thresholds:
     # missing: an object's selective map has no confident region of its own
-    min_peak_ratio: float = 0.25  # object's peak / strongest object's peak in the prompt
-    min_concentration: float = 0.30  # share of the map's mass inside its own region
-    max_shared_region: float = 0.60  # IoU with another object's region above which it has no region of its own
-    max_area: float = 0.60  # share of the image in its region above which the map is spread, not on an object
-    min_drawn_share: float = 0.20  # share of its map's peak region on non-background pixels of the image
+    min_peak_ratio: float | None  # object's peak / strongest object's peak in the prompt
+    min_concentration: float | None  # share of the map's mass inside its own region
+    max_shared_region: float | None  # IoU with another object's region above which it has no region of its own
+    max_area: float | None  # share of the image in its region above which the map is spread, not on an object
+    min_drawn_share: float | None  # share of its map's peak region on non-background pixels of the image
     # misplaced: an attribute lands on another object; an object away from its named position
-    min_binding_margin: float = -0.10  # own-object share minus best other-object share of the attribute's mass
-    position_margin: float = 0.05  # centroid must be this far (in image fractions) on the named side
+    min_binding_margin: float | None  # own-object share minus best other-object share of the attribute's mass
+    position_margin: float | None  # centroid must be this far (in image fractions) on the named side
     # misinterpreted: the word's response in its expected category vs the best other candidate
-    min_category_margin: float = 0.0  # log-ratio expected / best other candidate
-    min_colour_share: float = 0.02  # share of the named colour in the image under a colour word's map
+    min_category_margin: float | None  # log-ratio expected / best other candidate
+    min_colour_share: float | None  # share of the named colour in the image under a colour word's map
     # across seeds: a concept fails when its flag rate exceeds this
-    max_flag_rate: float = 0.5
-    # methods
-    k: int = 8  # top-k heads for selective maps (set from the tuning sweep)
+    max_flag_rate: float
 
     def to_json(self) -> dict:
         return asdict(self)
 
-
-def load(path: Path | None = None) -> Thresholds:
-    p = path or CALIBRATED
-    if p.is_file():
-        data = json.loads(p.read_text())
-        known = {f.name for f in fields(Thresholds)}
-        return Thresholds(**{k: v for k, v in data.items() if k in known})
-    return Thresholds()
+    @classmethod
+    def from_json(cls, data: dict, source: str = "thresholds") -> "Thresholds":
+        """Every field required; unknown keys ignored (a newer profile may carry more)."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise AuditorError(f"{source}: missing {', '.join(missing)}")
+        try:
+            vals = {n: None if data[n] is None else float(data[n]) for n in names}
+        except (TypeError, ValueError):
+            raise AuditorError(f"{source}: every threshold must be a number or null") from None
+        if vals["max_flag_rate"] is None:
+            raise AuditorError(f"{source}: max_flag_rate must be a number")
+        bad = [n for n, v in vals.items() if v is not None and (v != v or v in (float("inf"), float("-inf")))]
+        if bad:
+            raise AuditorError(f"{source}: {', '.join(bad)} not finite")
+        return cls(**vals)

@@ -2,10 +2,14 @@
 
     .venv/bin/python bench/audit_cost.py            # `auditor audit shapes-default` (HTML + PDF) into work_bench/
     .venv/bin/python bench/audit_cost.py --no-pdf
+    .venv/bin/python bench/audit_cost.py --against ../old-checkout --repeats 3   # this code vs another, interleaved
 
 Runs the console command in a fresh process (model loading, concept extraction, traced generation, maps,
 diagnostics, the run store, HTML and PDF reports: everything a user waits for), then generates the same prompts
 and seeds without trace in this process, so the per-image cost of auditing can be read against plain generation.
+With ``--against DIR`` (another checkout of auditor, e.g. ``git worktree add DIR <commit>``) the same audit runs
+from both checkouts in alternation, ``--repeats`` times each, in fresh processes with the same interpreter and
+libraries, and the ratio of the medians is reported: a before/after figure measured side by side.
 Results: ``bench/results/audit_cost.json``.
 """
 
@@ -33,10 +37,14 @@ def main() -> None:
     ap.add_argument("--no-pdf", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.RESULTS / "audit_cost.json"))
+    ap.add_argument("--against", default=None, help="another checkout to time the same audit from, interleaved")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     mach = common.machine()
+    if args.against:
+        return side_by_side(args, mach, t0)
     run_dir = common.CACHE / "audit_cost_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(common.ROOT / ".venv" / "bin" / "auditor"), "audit", SUITE, "--out", str(run_dir), "--json"]
@@ -80,6 +88,42 @@ def main() -> None:
     print(f"audit of {generated} generations: {audit_wall:.1f} s wall ({res['audit_seconds_per_generation']:.2f} s "
           f"each); plain generation {res['plain_generation_seconds_median']:.2f} s each")
     print(f"wrote {args.out}")
+
+
+def timed_audit(checkout: Path, run_dir: Path, no_pdf: bool) -> float:
+    """Wall seconds of `auditor audit SUITE` run from ``checkout``'s sources in a fresh process."""
+    import os
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-c", "import sys; from auditor.cli import main; sys.exit(main())", "audit", SUITE,
+           "--out", str(run_dir), "--json"] + (["--no-pdf"] if no_pdf else [])
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode not in (0, 1):
+        sys.exit(f"audit from {checkout} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return wall
+
+
+def side_by_side(args, mach: dict, t0: float) -> None:
+    other = Path(args.against).resolve()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=other, capture_output=True,
+                            text=True).stdout.strip()
+    walls: dict[str, list[float]] = {"this": [], "other": []}
+    for r in range(args.repeats):
+        for name, root in (("this", common.ROOT), ("other", other)):
+            walls[name].append(timed_audit(root, common.CACHE / f"audit_cost_{name}", args.no_pdf))
+            print(f"repeat {r + 1}: {name} {walls[name][-1]:.1f} s", flush=True)
+    med = {k: float(np.median(v)) for k, v in walls.items()}
+    res = {"benchmark": "audit_cost_side_by_side", "command": common.command(), "machine": mach,
+           "commit": common.git_commit(), "against": {"path": str(other), "commit": commit}, "suite": SUITE,
+           "pdf": not args.no_pdf, "walls": walls, "median_seconds": med, "ratio_this_over_other": med["this"] / med["other"],
+           "wall_seconds": time.perf_counter() - t0}
+    out = Path(args.out).with_name("audit_cost_side_by_side.json")
+    out.write_text(json.dumps(res, indent=1))
+    print(f"median wall: this {med['this']:.1f} s, {commit} {med['other']:.1f} s, ratio {res['ratio_this_over_other']:.3f}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ import pickle
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +74,7 @@ TUNE_SEED, V1_EVAL_SEED, V2_EVAL_SEED = 1001, 2002, 3003
 STEPS, GUIDANCE, RESOLUTION = 20, 5.0, (64, 64)  # the default suite's settings
 CACHE = ROOT / "work_diag"
 TARGET_RATE = 0.05
+MAX_FLAG_RATE = 0.5  # the across-seeds rule the bundled profiles record
 DEFECT_MAP = {  # defect -> (word, role, flag types that count)
     "star_neglected": ("star", "object", ("missing",)),
     "green_misbound": ("green", "attribute", ("misplaced",)),
@@ -214,11 +214,20 @@ def defect_visible(img: np.ndarray, s, defect: str) -> list[tuple[int, bool]]:
 
 
 def load(model: str, relevance: str | None):
+    """The model and its audit profile (``relevance`` replaces the profile's HRV matrix)."""
     from auditor.engine.models import load_model
-    from auditor.engine.relevance import relevance_for
+    from auditor.profile import profile_for
 
     lm = load_model(model, "cpu", "float32")
-    return lm, relevance_for(lm.pipe, relevance)
+    return lm, profile_for(lm, None, relevance)
+
+
+def maps_key(profile) -> list:
+    """What a generation's maps and scores depend on in a profile: the ranking, k per category, the relevance and
+    the response k (not the thresholds: flags are recomputed from the cached scores)."""
+    ranking = profile.maps_source
+    return [profile.maps_ranking, ranking.sha256, profile.k_per_category(), profile.relevance.sha256,
+            profile.response_k]
 
 
 def mention_of(s, concept) -> tuple[int, str] | None:
@@ -232,12 +241,12 @@ def mention_of(s, concept) -> tuple[int, str] | None:
     return None
 
 
-def generate(lm, relevance, samples: list, th, k: int, tag: str, keep_maps: bool = True) -> list[dict]:
+def generate(lm, profile, samples: list, tag: str, keep_maps: bool = True) -> list[dict]:
     """One generation per sample (seed = its index in the set), cached; records as an audit writes them."""
     from auditor.concepts import extract_many
     from auditor.runs import generate_one, generation_record, scored_concepts
 
-    key = hashlib.sha256(json.dumps([lm.fingerprint, relevance.sha256, k, STEPS, GUIDANCE,
+    key = hashlib.sha256(json.dumps([lm.fingerprint, maps_key(profile), STEPS, GUIDANCE,
                                      [s.prompt for s in samples]]).encode()).hexdigest()[:12]
     path = CACHE / f"{tag}-{key}.pkl"
     done = read_cache(path) if path.exists() else []
@@ -247,8 +256,8 @@ def generate(lm, relevance, samples: list, th, k: int, tag: str, keep_maps: bool
     t0 = time.perf_counter()
     for i in range(len(done), len(samples)):
         s, cs = samples[i], extracted[i]
-        image, tr = generate_one(lm.pipe, s.prompt, i, STEPS, GUIDANCE, RESOLUTION, relevance)
-        records, raw_maps, _ = generation_record(tr, cs, relevance, th, k, image)
+        image, tr = generate_one(lm.pipe, s.prompt, i, STEPS, GUIDANCE, RESOLUTION)
+        records, raw_maps, _ = generation_record(tr, cs, profile, image)
         del tr
         img = np.asarray(image.convert("RGB"))
         links = [mention_of(s, c) for c in scored_concepts(cs)]
@@ -497,111 +506,109 @@ def _cached(tag: str) -> list[dict]:
 # --- tuning -------------------------------------------------------------------------------------------------------
 
 
-def score_table(gens: list[dict]) -> list[dict]:
-    """The scores of every healthy concept (with its role and whether the score exists for it)."""
-    rows = []
-    for g in gens:
-        for i in healthy_concepts(g):
-            c = g["concepts"][i]
-            rows.append({"role": c["role"], "scores": c["scores"], "flags": c["flags"]})
-    return rows
-
-
-def thresholds_at(rows: list[dict], q: float, base):
-    """Thresholds with every score's cut at the q (low-is-bad) / 1 - q (high-is-bad) healthy quantile."""
-    from auditor.diagnostics import SCORE_DIRECTIONS, judges
-
-    vals = {}
-    for name, (score, direction, role) in SCORE_DIRECTIONS.items():
-        xs = np.array([r["scores"][score] for r in rows if score in r["scores"] and r["scores"][score] is not None
-                       and (role is None or r["role"] == role) and judges(name, r["scores"])], float)
-        if len(xs) == 0:
-            continue
-        vals[name] = float(np.quantile(xs, q if direction == "low" else 1 - q))
-    return replace(base, **vals), vals
+def healthy_select(gens: list[dict]):
+    """The population the oracle calibration uses: the concepts of generations whose objects the oracle confirms."""
+    return lambda g: healthy_concepts(gens[g])
 
 
 def tune(args) -> None:
-    from auditor.thresholds import CALIBRATED, Thresholds
+    from auditor.calibration import fit_thresholds
+    from auditor.zoo.profiles import write_thresholds
 
-    k = read_k()
     exclude = suite_prompts()
     tuning = grammar_set(TUNE_SEED, args.n, exclude)
-    lm, relevance = load(args.model, args.relevance)
-    gens = generate(lm, relevance, tuning, Thresholds(k=k), k, "tune")
-    rows = score_table(gens)
-    base = Thresholds(k=k)
-    # Search the per-score quantile q so that the share of concepts with any flag is at most the target: over all
-    # concepts of the tuning generations (what an audit counts; default) or over the healthy ones only.
+    lm, profile = load(args.model, args.relevance)
+    gens = generate(lm, profile, tuning, "tune")
+    records = [g["concepts"] for g in gens]
+    # Search the per-score quantile q so that the share of concepts with any flag is at most the target: over the
+    # healthy ones only (default; a false-flag rate) or over all concepts of the tuning generations.
     healthy_only = args.population == "healthy"
-    lo, hi = 0.0, 0.25
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        th, _ = thresholds_at(rows, mid, base)
-        if false_flag_rate(gens, th, healthy_only)["rate"] > args.target:
-            hi = mid
-        else:
-            lo = mid
-    th, vals = thresholds_at(rows, lo, base)
+    select = healthy_select(gens)
+    # the cuts always sit on the healthy concepts' quantiles; the population only sets the budget's denominator
+    th, q, _ = fit_thresholds(records, args.target, MAX_FLAG_RATE, select, select if healthy_only else None)
     achieved = {"healthy_concepts": false_flag_rate(gens, th), "all_concepts": false_flag_rate(gens, th, False)}
-    n_healthy = len(rows)
-    data = {**th.to_json(), "provenance": {
+    n_healthy = sum(len(healthy_concepts(g)) for g in gens)
+    provenance = {
         "how": "each score's threshold at the q / (1 - q) quantile of its distribution over the healthy concepts "
                "its rule judges; q "
-               f"searched so that at most the target share of {args.population} tuning concepts gets any flag",
+               f"searched so that at most the target share of {args.population} tuning concepts gets any flag "
+               "(auditor.calibration.fit_thresholds on the concepts the oracle confirms drawn as asked)",
         "command": "python bench/diagnostics.py " + " ".join(sys.argv[1:]),
         "model": {"name": args.model, "fingerprint": lm.fingerprint},
-        "relevance_sha256": relevance.sha256,
+        "profile_maps": maps_key(profile)[:2] + [maps_key(profile)[3]],
         "prompts": f"auditor.zoo.grammar.sample(np.random.default_rng({TUNE_SEED}), 'train'), first {args.n} "
                    "distinct prompts not in prompt_suites/shapes-default.yaml",
         "image_seeds": f"0..{args.n - 1} (prompt i uses seed i)", "steps": STEPS, "guidance": GUIDANCE,
         "healthy": "the oracle finds every named object in its named colour (and named position)",
         "healthy_concepts": n_healthy, "generations": len(gens),
-        "q": round(lo, 5), "target_flag_rate": args.target, "target_population": args.population,
+        "q": round(q, 5), "target_flag_rate": args.target, "target_population": args.population,
         "achieved_flag_rate": achieved,
         "date": time.strftime("%Y-%m-%d"),
-    }}
-    for name, v in vals.items():
-        data[name] = round(v, 5)
-    out = Path(args.out) if args.out else CALIBRATED
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    res = {"tuning": {"generations": len(gens), "healthy_concepts": n_healthy, "q": lo,
-                      "false_flag_rate": achieved, "thresholds": {n: data[n] for n in vals}}}
+    }
+    written = write_thresholds(th, provenance, args.model) if args.out is None else []
+    if args.out:
+        Path(args.out).write_text(json.dumps({**th.to_json(), "provenance": provenance}, indent=2) + "\n")
+    res = {"tuning": {"generations": len(gens), "healthy_concepts": n_healthy, "q": q,
+                      "false_flag_rate": achieved, "thresholds": th.to_json(),
+                      "written": [str(p.relative_to(ROOT)) for p in written] or [args.out]}}
     _merge_results(res)
     print(json.dumps(res, indent=1))
 
 
-def read_k() -> int:
-    """k from the top-k sweep (bench/results/miou.json) if it has run, else the configured default."""
-    from auditor.thresholds import load as load_th
+def selfcal(args) -> None:
+    """Thresholds without the oracle: the same quantile rule over every concept of the tuning generations (what
+    ``auditor calibrate`` does on a model's own generations), at flag budgets; each judged like the shipped ones."""
+    from auditor.calibration import fit_thresholds
 
-    p = ROOT / "bench/results/miou.json"
-    if p.is_file():
-        best = (json.loads(p.read_text()).get("tuning") or {}).get("k")
-        if best:
-            return int(best)
-    return int(load_th().k)
+    exclude = suite_prompts()
+    tuning = grammar_set(TUNE_SEED, args.tune_n, exclude)
+    lm, profile = load(args.model_v1, None)
+    gens = generate(lm, profile, tuning, "tune")
+    records = [g["concepts"] for g in gens]
+    exclude |= {s.prompt for s in tuning}
+    v1_set = grammar_set(V1_EVAL_SEED, args.v1_n, exclude)
+    g1 = generate(lm, profile, v1_set, "v1eval")
+    lm2, profile2 = load(args.model_v2, None)
+    v2_set = defect_set(args.per_defect, args.controls, exclude | {s.prompt for s in v1_set})
+    g2 = generate(lm2, profile2, v2_set, "v2eval")
+
+    def judged(th) -> dict:
+        d = defect_scores(g2, th)
+        d["green_misbound_per_prompt"] = prompt_level_scores(g2, th)
+        return {"thresholds": th.to_json(), "v1_healthy_flag_rate": false_flag_rate(g1, th),
+                "v1_all_flag_rate": false_flag_rate(g1, th, False),
+                "v2_defects": {n: {"precision": v["precision"], "recall": v["recall"]} for n, v in d.items()}}
+
+    res = {"oracle": judged(profile.thresholds), "budgets": {}}
+    for b in args.budgets:
+        th, q, achieved = fit_thresholds(records, b, MAX_FLAG_RATE)
+        res["budgets"][str(b)] = {"q": q, "tuning_all_flag_rate": achieved["rate"], **judged(th)}
+        print(f"budget {b}: q {q:.4f}, v1 healthy {res['budgets'][str(b)]['v1_healthy_flag_rate']['rate']}", flush=True)
+    _merge_results({"self_calibration": res})
+    print(json.dumps(res, indent=1))
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
 
 def evaluate(args) -> None:
-    from auditor.thresholds import load as load_th
+    from auditor.calibration import thresholds_at
 
-    th = load_th()
-    k = int(th.k)
+    lm, profile = load(args.model_v1, args.relevance_v1)
+    th = profile.judging_thresholds()
+    if th is None:
+        sys.exit(f"{args.model_v1}'s profile has no thresholds: run `bench/diagnostics.py tune` first")
     exclude = suite_prompts() | {s.prompt for s in grammar_set(TUNE_SEED, args.tune_n, suite_prompts())}
     res: dict = {"machine": f"{platform.machine()} ({platform.python_version()}), CPU",
                  "date": time.strftime("%Y-%m-%d"),
-                 "steps": STEPS, "guidance": GUIDANCE, "k": k, "thresholds": th.to_json()}
+                 "steps": STEPS, "guidance": GUIDANCE, "k_per_category": profile.k_per_category(),
+                 "profile_sha256": profile.sha256, "thresholds": th.to_json()}
     # Healthy model, evaluation prompts: the false-flag rate.
     v1_set = grammar_set(V1_EVAL_SEED, args.v1_n, exclude)
-    lm, relevance = load(args.model_v1, args.relevance_v1)
-    g1 = generate(lm, relevance, v1_set, th, k, "v1eval")
+    g1 = generate(lm, profile, v1_set, "v1eval")
     res["v1_false_flags"] = {"healthy_concepts": false_flag_rate(g1, th),
                              "all_concepts": false_flag_rate(g1, th, healthy_only=False),
-                             "relevance_sha256": relevance.sha256}
+                             "relevance_sha256": profile.relevance.sha256}
     del lm
     res["v1_localisation"] = localisation(g1)
     res["v1_own_failures"] = own_failures(g1, th)
@@ -614,31 +621,33 @@ def evaluate(args) -> None:
         print(json.dumps(res, indent=1))
         print("defect evaluation skipped" + ("" if args.skip_v2 else ": shapes-v2 is not installed"))
         return
-    # Broken model: planted defects.
+    # Broken model: planted defects, judged by its own profile's thresholds (v1's, inherited).
     v2_set = defect_set(args.per_defect, args.controls, exclude | {s.prompt for s in v1_set})
-    lm, relevance = load(args.model_v2, args.relevance_v2)
-    g2 = generate(lm, relevance, v2_set, th, k, "v2eval")
-    res["v2_defects"] = defect_scores(g2, th)
-    res["v2_defects"]["green_misbound_per_prompt"] = prompt_level_scores(g2, th)
-    res["v2_relevance_sha256"] = relevance.sha256
+    lm, profile2 = load(args.model_v2, args.relevance_v2)
+    th2 = profile2.judging_thresholds()
+    g2 = generate(lm, profile2, v2_set, "v2eval")
+    res["v2_defects"] = defect_scores(g2, th2)
+    res["v2_defects"]["green_misbound_per_prompt"] = prompt_level_scores(g2, th2)
+    res["v2_profile_sha256"] = profile2.sha256
     res["v2_prompts"] = {d: sum(1 for g in g2 if g["defects"] == [d]) for d in DEFECT_MAP}
     res["v2_prompts"]["controls"] = sum(1 for g in g2 if not g["defects"])
     res["v2_localisation"] = localisation(g2)
     res["v2_neglect_signature"] = neglect_signature(g2)
-    res["v2_by_eye"] = by_eye(g2, th, lm.fingerprint)
-    # The trade-off the maps allow: the same per-score quantile rule at other q (tuning rows as in `tune`); shows
-    # whether any calibration could meet the goals, without choosing anything on these prompts.
-    rows = score_table(_cached("tune"))
-    if rows:
+    res["v2_by_eye"] = by_eye(g2, th2, lm.fingerprint)
+    # The trade-off the maps allow: the same per-score quantile rule at other q (healthy tuning concepts, as in
+    # `tune`); shows whether any calibration could meet the goals, without choosing anything on these prompts.
+    tuned = _cached("tune")
+    if tuned:
+        records = [g["concepts"] for g in tuned]
         curve = []
         for q in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5):
-            thq, _ = thresholds_at(rows, q, th)
+            thq = thresholds_at(records, q, th.max_flag_rate, healthy_select(tuned))
             d = defect_scores(g2, thq)
             d["green_misbound_per_prompt"] = prompt_level_scores(g2, thq)
             curve.append({"q": q, "v1_flag_rate_all": false_flag_rate(g1, thq, False)["rate"],
                           **{name: {"precision": v["precision"], "recall": v["recall"]} for name, v in d.items()}})
         res["tradeoff"] = curve
-    res["v2_control_false_flags"] = false_flag_rate([g for g in g2 if not g["defects"]], th)
+    res["v2_control_false_flags"] = false_flag_rate([g for g in g2 if not g["defects"]], th2)
     _merge_results({"evaluation": res})
     print(json.dumps(res, indent=1))
 
@@ -698,7 +707,7 @@ def main() -> None:
     t.add_argument("--population", choices=("all", "healthy"), default="healthy",
                    help="concepts whose flag rate the target bounds: all tuning concepts (what an audit counts) "
                         "or only those the oracle confirms drawn as asked")
-    t.add_argument("--out", default=None, help="default: auditor/thresholds.json")
+    t.add_argument("--out", default=None, help="write the thresholds here instead of into the bundled profiles")
     e = sub.add_parser("eval", help="precision / recall on shapes-v2 defects; false flags on shapes-v1")
     e.add_argument("--model-v1", default="shapes-v1")
     e.add_argument("--model-v2", default="shapes-v2")
@@ -709,10 +718,18 @@ def main() -> None:
     e.add_argument("--per-defect", type=int, default=80)
     e.add_argument("--controls", type=int, default=30)
     e.add_argument("--skip-v2", action="store_true", help="only the shapes-v1 false-flag part")
+    c = sub.add_parser("selfcal", help="thresholds without the oracle (flag budgets) against the shipped ones")
+    c.add_argument("--model-v1", default="shapes-v1")
+    c.add_argument("--model-v2", default="shapes-v2")
+    c.add_argument("--tune-n", type=int, default=400)
+    c.add_argument("--v1-n", type=int, default=200)
+    c.add_argument("--per-defect", type=int, default=80)
+    c.add_argument("--controls", type=int, default=30)
+    c.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    (tune if args.mode == "tune" else evaluate)(args)
+    {"tune": tune, "eval": evaluate, "selfcal": selfcal}[args.mode](args)
 
 
 if __name__ == "__main__":

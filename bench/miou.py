@@ -15,11 +15,14 @@ Protocol
 - Concepts: each object's noun (category "shape", or "food" for the fruit "orange") and its colour, size and
   texture words (categories of the same name); token indices from the grammar's character spans
   (``auditor.align.align_spans``), so the parser plays no part. Truth for an attribute is its object's mask.
-- Maps: ``auditor.engine.maps`` aggregation (per-layer bilinear resize to 64x64 of the weighted head sum), mask by
-  ``maps.binarize`` (Otsu), IoU against the oracle mask. Methods: ``all_heads``, ``selective`` (top-k of the
-  category, k swept), ``weighted`` (relevance-weighted), ``bottom_k`` (the k least relevant). Attention is
-  captured once per image and split into quarters of the denoising steps, so timestep windows are scored from
-  the same generations.
+- Maps: ``auditor.engine.maps`` aggregation, DAAM's (each head's map of each token upsampled bicubically to the
+  latent grid and clamped at 0, the weighted mean over heads and the mean over the word's tokens, bicubic to
+  64x64), mask by ``maps.binarize`` (Otsu), IoU against the oracle mask. Methods: ``all_heads`` (DAAM's default:
+  no mid block; the engine's own map is stored by the capture and the fast path is checked against it),
+  ``selective`` (top-k of the category by HRV relevance, k swept), ``weighted`` (relevance-weighted), ``bottom_k``
+  (the k least relevant), and the shipped profile's localisation ranking at its own k per category (``profile``).
+  Attention is captured once per image and split into quarters of the denoising steps, so timestep windows are
+  scored from the same generations.
 - Choices made on TUNING only: the selective k (pooled mean IoU, all steps), each method's best timestep window,
   k per layer resolution, per-category k. TEST reports them with cluster-bootstrap 95% intervals (generations
   resampled, seed 0). bottom_k uses the selective k.
@@ -49,7 +52,7 @@ import common  # noqa: E402
 from stats import bootstrap_mean, iou, paired_difference  # noqa: E402
 
 from auditor.align import align_spans  # noqa: E402
-from auditor.engine.maps import binarize, head_weights  # noqa: E402
+from auditor.engine.maps import binarize, concept_map, daam_weights, head_weights  # noqa: E402
 from auditor.zoo.grammar import sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
 from auditor.zoo.world import FRUIT  # noqa: E402
@@ -99,9 +102,9 @@ def capture(lm, split: str, samples, batch: int, log) -> dict:
     """Generate every sample under trace; keep each concept's per-layer head maps per step segment."""
     pipe = lm.pipe
     base = IMAGE_SEED[split]
-    rows, groups, text_groups, truths, images, skipped, objects = [], {}, {}, [], [], 0, 0
+    rows, groups, text_groups, truths, images, daam, skipped, objects = [], {}, {}, [], [], [], 0, 0
+    n_token_rows = 0
     gen_seconds = 0.0
-    check = None
     for b0 in range(0, len(samples), batch):
         chunk = samples[b0:b0 + batch]
         t = time.perf_counter()
@@ -123,25 +126,27 @@ def capture(lm, split: str, samples, batch: int, log) -> dict:
                 text_groups.setdefault(f"{grid[0]}x{grid[1]}", {}).setdefault(layer, []).append(
                     np.stack([p[layer].reshape(p[layer].shape[0], -1) for p in text]))
             for c in concepts_of(s, found, pipe.tokenizer):
-                # attention sums per segment (layer_maps gives the mean over the segment's steps)
-                per_seg = [{n: m * v.steps_counted for n, m in common.layer_maps(v, c["tokens"], j).items()}
-                           for v in views]
-                for layer in per_seg[0]:
-                    grid = per_seg[0][layer].shape[1:]
-                    key = f"{grid[0]}x{grid[1]}"
-                    groups.setdefault(key, {}).setdefault(layer, []).append(
-                        np.stack([p[layer].reshape(p[layer].shape[0], -1) for p in per_seg]))
+                # each token's attention sums per segment (layer_maps gives the mean over the segment's steps):
+                # DAAM upsamples and clamps every token's map before it averages a word's tokens
+                c["g_rows"] = []
+                for t in c["tokens"]:
+                    per_seg = [{n: m * v.steps_counted for n, m in common.layer_maps(v, [t], j).items()}
+                               for v in views]
+                    for layer in per_seg[0]:
+                        grid = per_seg[0][layer].shape[1:]
+                        key = f"{grid[0]}x{grid[1]}"
+                        groups.setdefault(key, {}).setdefault(layer, []).append(
+                            np.stack([p[layer].reshape(p[layer].shape[0], -1) for p in per_seg]))
+                    c["g_rows"].append(n_token_rows)
+                    n_token_rows += 1
                 truths.append(found[c["object"]].mask)
+                # the engine's all_heads map (DAAM's aggregation) on the whole trace: the fast path must equal it
+                daam.append(concept_map(full, c["tokens"], "all_heads", item=j).raw)
                 rows.append({**c, "gen": g, "prompt": s.prompt, "seed": base + g, "kind": s.kind})
-                if check is None:  # the fast path below must equal auditor.engine.maps on the same trace
-                    from auditor.engine.maps import concept_map
-
-                    ref = concept_map(full, c["tokens"], "all_heads", item=j).raw
-                    check = (per_seg, ref)
         log(f"{split}: {min(b0 + batch, len(samples))}/{len(samples)} generations, {len(rows)} concepts, "
             f"{gen_seconds:.0f} s generating")
     head_names = full.head_index.names
-    arrays = {"truth": np.stack(truths), "images": np.stack(images)}
+    arrays = {"truth": np.stack(truths), "images": np.stack(images), "daam": np.stack(daam).astype(np.float32)}
     for key, layers in groups.items():
         names = sorted(layers, key=lambda n: full.head_index.layers.index(n))
         arrays[f"g_{key}"] = np.concatenate([np.stack(layers[n]) for n in names], axis=2).astype(np.float32)
@@ -153,16 +158,17 @@ def capture(lm, split: str, samples, batch: int, log) -> dict:
             "generate_seconds": gen_seconds, "head_names": list(head_names), "layers": list(full.head_index.layers),
             "grids": {n: list(full.grids[n]) for n in full.head_index.layers},
             "segment_steps": [v.steps_counted for v in views], "seq_len": full.seq_len}
-    # consistency: the first concept's all-heads map rebuilt from the stored layer maps vs concept_map
+    # consistency: every concept's all-heads map rebuilt from the stored token maps vs the engine's concept_map
     data = {"meta": meta, **arrays}
-    if check is not None:
-        mine = aggregate(data, 0, np.ones((1, len(head_names)), np.float32), WINDOWS[FULL])[0]
-        meta["consistency_max_rel_diff"] = float(np.abs(mine - check[1]).max() / max(np.abs(check[1]).max(), 1e-12))
+    W = daam_weights(head_names)[None]
+    diffs = [np.abs(aggregate(data, i, W, WINDOWS[FULL])[0] - data["daam"][i]).max() / max(np.abs(data["daam"][i]).max(),
+                                                                                          1e-12) for i in range(len(rows))]
+    meta["consistency_max_rel_diff"] = float(max(diffs)) if diffs else None
     return data
 
 
 def cache_key(lm, split: str, n: int) -> str:
-    h = hashlib.sha256(json.dumps(["v2", lm.fingerprint, split, n, TUNE_SEED, TEST_SEED, IMAGE_SEED, SEGMENTS,
+    h = hashlib.sha256(json.dumps(["v4", lm.fingerprint, split, n, TUNE_SEED, TEST_SEED, IMAGE_SEED, SEGMENTS,
                                    common.STEPS, common.GUIDANCE, common.SIDE]).encode())
     return h.hexdigest()[:16]
 
@@ -191,34 +197,46 @@ def groups_of(data: dict) -> list[str]:
     return sorted(k[2:] for k in data if k.startswith("g_"))
 
 
+def latent_of(data: dict) -> tuple[int, int]:
+    """The latent grid: the largest layer grid."""
+    return tuple(max((tuple(g) for g in data["meta"]["grids"].values()), key=lambda hw: hw[0] * hw[1]))
+
+
 def aggregate(data: dict, i: int, W: np.ndarray, window: tuple[int, int], norm: str = "raw") -> np.ndarray:
-    """[V, 64, 64] maps of concept ``i`` for V weight vectors over all heads: each layer grid's weighted head sum
-    over the window's steps, resized bilinearly to 64x64 and summed, divided by the weights' total (what
-    ``auditor.engine.maps.aggregate`` computes). ``norm="head"`` min-max normalises every head's map first."""
+    """[V, 64, 64] maps of concept ``i`` for V weight vectors over all heads, aggregated as the engine does
+    (``auditor.engine.maps.pooled_map``, DAAM's way): each head's map of each token over the window's steps
+    upsampled bicubically to the latent grid and clamped at 0, the weighted mean over heads, the mean over the
+    word's tokens, bicubic to 64x64. ``norm="head"`` min-max normalises every head's map first; ``norm="share"``
+    divides it by the attention the prompt's own words get at each pixel."""
     a, b = window
     steps = data["meta"].get("segment_steps")
-    out = None
-    for key in groups_of(data):
-        G = data[f"g_{key}"][i, a:b].sum(0)  # [heads in this grid, h*w]
-        if steps is not None:
-            G = G / float(sum(steps[a:b]))
-        if norm == "head":
-            lo, hi = G.min(1, keepdims=True), G.max(1, keepdims=True)
-            G = (G - lo) / np.maximum(hi - lo, 1e-12)
-        elif norm == "share":  # the word's share of the attention the prompt's own words get, per head and pixel
-            text = data[f"t_{key}"][data["meta"]["rows"][i]["gen"], a:b].sum(0)
+    latent = latent_of(data)
+    row = data["meta"]["rows"][i]
+    tot = W.sum(1)[:, None]
+    out = np.zeros((len(W), latent[0] * latent[1]), np.float32)
+    for t_row in row["g_rows"]:
+        for key in groups_of(data):
+            w = W[:, data[f"heads_{key}"]]
+            if not w.any():
+                continue
+            G = data[f"g_{key}"][t_row, a:b].sum(0)  # [heads in this grid, h*w]
             if steps is not None:
-                text = text / float(sum(steps[a:b]))
-            G = G / np.maximum(text, 1e-12)
-        w = W[:, data[f"heads_{key}"]]
-        if not w.any():
-            continue
-        h, ww = (int(x) for x in key.split("x"))
-        m = torch.from_numpy((w @ G).astype(np.float32)).reshape(len(W), 1, h, ww)
-        m = F.interpolate(m, size=(common.SIDE, common.SIDE), mode="bilinear", align_corners=False)[:, 0].numpy()
-        out = m if out is None else out + m
-    tot = W.sum(1)[:, None, None]
-    return out / np.where(tot > 0, tot, 1.0)
+                G = G / float(sum(steps[a:b]))
+            if norm == "head":
+                lo, hi = G.min(1, keepdims=True), G.max(1, keepdims=True)
+                G = (G - lo) / np.maximum(hi - lo, 1e-12)
+            elif norm == "share":  # the word's share of the attention the prompt's own words get, per head and pixel
+                text = data[f"t_{key}"][row["gen"], a:b].sum(0)
+                if steps is not None:
+                    text = text / float(sum(steps[a:b]))
+                G = G / np.maximum(text, 1e-12)
+            h, ww = (int(x) for x in key.split("x"))
+            x = torch.from_numpy(G.astype(np.float32)).reshape(len(G), 1, h, ww)
+            up = F.interpolate(x, size=latent, mode="bicubic", align_corners=False).clamp_(min=0)
+            out += (w @ up.reshape(len(G), -1).numpy()).astype(np.float32)
+    out = out / np.where(tot > 0, tot, 1.0) / len(row["g_rows"])
+    m = torch.from_numpy(out).reshape(len(W), 1, *latent)
+    return F.interpolate(m, size=(common.SIDE, common.SIDE), mode="bicubic", align_corners=False)[:, 0].numpy()
 
 
 def score(data: dict, weights_for, window: str = FULL, norm: str = "raw") -> np.ndarray:
@@ -247,7 +265,7 @@ def subset_weights(rm, category: str, method: str, k: int | None, allowed: np.nd
     H = len(allowed)
     nan = np.full(H, np.nan)
     if method == "all_heads":
-        return allowed.astype(np.float32)
+        return (allowed & (daam_weights(rm.head_names) > 0)).astype(np.float32)
     c = rm.categories.index(category) if category in rm.categories else None
     if c is None or rm.votes[c].sum() == 0:
         return nan
@@ -286,7 +304,7 @@ def check_weights(rm, n_heads: int) -> None:
             continue
         for m, k in (("selective", 8), ("bottom_k", 8), ("weighted", None), ("all_heads", None)):
             ours = subset_weights(rm, cat, m, k, allowed)
-            theirs = head_weights(m, n_heads, rm, cat, k)
+            theirs = head_weights(m, n_heads, rm, cat, k, rm.head_names)
             assert np.allclose(ours, theirs), (cat, m, k)
 
 
@@ -428,7 +446,7 @@ def analyse(tune: dict, test: dict, rm, log) -> dict:
 
     # how much a word's map stands out: attention per pixel relative to a uniform spread over the text positions,
     # and inside the object vs outside it
-    res["contrast"] = contrast(test, [("all_heads", lambda c: np.ones((1, H), np.float32)),
+    res["contrast"] = contrast(test, [("all_heads", lambda c: daam_weights(rm.head_names)[None]),
                                       ("selective", lambda c: wf(c)[[col(labels, main_labels["selective"])]])],
                                gens["test"])
 
@@ -516,6 +534,36 @@ def analyse(tune: dict, test: dict, rm, log) -> dict:
     return res
 
 
+def profile_section(test: dict, profile, gens: np.ndarray) -> dict:
+    """The shipped profile's ranking at its own k per category (what an audit's selective map is), its bottom k
+    at the same k, against the DAAM baseline (all_heads) on the test split."""
+    ranking = profile.maps_source
+    H = len(profile.head_names)
+    daam = daam_weights(profile.head_names)
+
+    def weights_for(cat):
+        W = np.zeros((3, H), np.float32)
+        k = profile.k_for(cat)
+        W[0, ranking.top_heads(cat, k)] = 1.0
+        W[1, ranking.bottom_heads(cat, k)] = 1.0
+        W[2] = daam
+        return W
+
+    ious = score(test, weights_for)
+    cats = np.array([r["category"] for r in test["meta"]["rows"]])
+    out = {"ranking_sha256": profile.maps_source.sha256, "ranking": profile.maps_ranking, "k": profile.k_per_category(),
+           "selective": ci(ious[:, 0], gens), "bottom_k": ci(ious[:, 1], gens), "all_heads": ci(ious[:, 2], gens),
+           "selective_minus_all_heads": paired_difference(ious[:, 0], ious[:, 2], gens),
+           "selective_minus_bottom_k": paired_difference(ious[:, 0], ious[:, 1], gens), "per_category": {}}
+    for c in sorted(set(cats)):
+        m = cats == c
+        out["per_category"][c] = {"concepts": int(m.sum()), "k": profile.k_for(c),
+                                  "selective": ci(ious[m, 0], gens[m]), "all_heads": ci(ious[m, 2], gens[m]),
+                                  "bottom_k": ci(ious[m, 1], gens[m]),
+                                  "selective_minus_all_heads": paired_difference(ious[m, 0], ious[m, 2], gens[m])}
+    return out
+
+
 def contrast(data: dict, methods, gens: np.ndarray) -> dict:
     """Per method: the map's mean attention per token position relative to uniform (1 = 1/T of each pixel's
     attention), and the ratio of its mean inside the object's mask to outside it (> 1: the word is attended more
@@ -530,7 +578,7 @@ def contrast(data: dict, methods, gens: np.ndarray) -> dict:
                 level.append(np.nan)
                 ratio.append(np.nan)
                 continue
-            m = aggregate(data, i, W.astype(np.float32), WINDOWS[FULL])[0] / len(r["tokens"])
+            m = aggregate(data, i, W.astype(np.float32), WINDOWS[FULL])[0]
             t = data["truth"][i]
             level.append(float(m.mean() * T))
             ratio.append(float(m[t].mean() / max(m[~t].mean(), 1e-12)))
@@ -574,6 +622,16 @@ def main() -> None:
         else:
             log(f"{split}: reusing {path.relative_to(common.ROOT)}")
     res = analyse(data["tune"], data["test"], rm, log)
+    from auditor.profile import profile_for
+
+    profile = profile_for(lm)
+    res["profile"] = profile_section(data["test"], profile,
+                                     np.array([r["gen"] for r in data["test"]["meta"]["rows"]]))
+    p = res["profile"]
+    log(f"profile ({profile.maps_ranking}, k {p['k']}): selective {p['selective']['mean']:.3f}, all_heads (DAAM) "
+        f"{p['all_heads']['mean']:.3f}, difference {p['selective_minus_all_heads']['mean']:+.3f} "
+        f"{[round(x, 3) for x in p['selective_minus_all_heads']['ci95']]}; minus bottom-k "
+        f"{p['selective_minus_bottom_k']['mean']:+.3f} {[round(x, 3) for x in p['selective_minus_bottom_k']['ci95']]}")
     meta = {s: {k: d["meta"][k] for k in ("generations", "objects", "skipped_objects", "generate_seconds")}
             | {"concepts": len(d["meta"]["rows"]),
                "concepts_by_category": {c: sum(r["category"] == c for r in d["meta"]["rows"])

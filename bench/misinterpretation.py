@@ -40,7 +40,7 @@ import common  # noqa: E402
 from stats import bootstrap_auc, rate  # noqa: E402
 
 from auditor.align import word_indices  # noqa: E402
-from auditor.engine.maps import category_response, default_k  # noqa: E402
+from auditor.engine.maps import category_response  # noqa: E402
 from auditor.zoo.grammar import POSITION_PHRASES  # noqa: E402
 from auditor.zoo.oracle import colour_labels  # noqa: E402
 from auditor.zoo.world import COLOURS, SHAPES  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=24, help="prompt pairs per design")
     ap.add_argument("--relevance", default=None)
-    ap.add_argument("--k", type=int, default=None, help="top-k heads per category (default: the audit's)")
+    ap.add_argument("--k", type=int, default=None, help="top-k heads per category (default: the profile's response k)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.RESULTS / "misinterpretation.json"))
@@ -137,8 +137,10 @@ def main() -> None:
     mach = common.machine()
     rel_path = Path(args.relevance) if args.relevance else common.default_relevance_path()
     rm = common.load_relevance(rel_path)
-    k = args.k or default_k()
     lm = common.load_v1()
+    from auditor.profile import profile_for
+
+    k = args.k or profile_for(lm).response_k
     pipe = lm.pipe
     pairs = pair_prompts(args.pairs, PROMPT_SEED)
     items = [(p, role) for p in pairs for role in ("colour", "fruit")]

@@ -30,3 +30,23 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def saved_sd15(tmp_path_factory):
+    """A tiny random SD1.5 copy saved as a diffusers folder (safetensors), once per session."""
+    import tiny_pipelines as tp
+
+    path = tmp_path_factory.mktemp("tiny-sd15")
+    tp.sd15().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def model_copy(saved_sd15, tmp_path):
+    """A private copy of the tiny SD1.5 folder (tests may change or fingerprint it)."""
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(saved_sd15, dst)
+    return dst

@@ -63,12 +63,12 @@ def overlay(image: Image.Image, m: np.ndarray) -> Image.Image:
     return Image.blend(image.convert("RGB"), over, 0.5).resize((128, 128), Image.NEAREST)
 
 
-def relevance(shift: float = 0.0, base_seed: int = 7) -> np.ndarray:
+def relevance(shift: float = 0.0, base_seed: int = 7, n_categories: int = len(CATEGORIES)) -> np.ndarray:
     """Each category owns a few heads strongly; ``shift`` moves relevance mass to other heads (a fine-tune).
     Its own generators: a shifted matrix leaves the rest of the fake run unchanged."""
     base, rng = np.random.default_rng(base_seed), np.random.default_rng(base_seed + 1)
-    m = base.random((len(CATEGORIES), len(HEAD_NAMES))) * 0.2
-    for i in range(len(CATEGORIES)):
+    m = base.random((n_categories, len(HEAD_NAMES))) * 0.2
+    for i in range(n_categories):
         m[i, base.choice(len(HEAD_NAMES), 6, replace=False)] += 1.0
     if shift:
         m = (1 - shift) * m + shift * rng.random(m.shape) * 1.2
@@ -77,9 +77,10 @@ def relevance(shift: float = 0.0, base_seed: int = 7) -> np.ndarray:
 
 def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0.2, forced=None,
           prompts=PROMPTS, suite_name: str = "fake-suite", relevance_shift: float = 0.0, with_relevance: bool = True,
-          acceptance: dict | None = None, finish: bool = True, size: int = 32) -> Path:
+          acceptance: dict | None = None, finish: bool = True, size: int = 32, categories=CATEGORIES) -> Path:
     """Write a run folder. ``forced`` maps (prompt_id, concept text) -> flag probability, overriding ``flag_rate``
-    (1.0 plants a concept that is flagged in every seed, 0.0 one that never is)."""
+    (1.0 plants a concept that is flagged in every seed, 0.0 one that never is). ``categories``: those the model
+    has calibrated heads for (the relevance matrix's rows); concepts of other categories get the all-heads map."""
     rng = np.random.default_rng(seed)
     forced = forced or {}
     manifest = {
@@ -96,7 +97,7 @@ def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0
     }
     store = RunStore.create(run_dir, manifest)
     if with_relevance:
-        store.save_relevance(CATEGORIES, HEAD_NAMES, relevance(relevance_shift))
+        store.save_relevance(list(categories), HEAD_NAMES, relevance(relevance_shift, n_categories=len(categories)))
     for pid, text, concepts in prompts:
         for s in seeds:
             image = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
@@ -111,7 +112,7 @@ def build(run_dir: Path, *, seed: int = 0, seeds=(0, 1, 2), flag_rate: float = 0
                     flags.append({"type": ftype, "severity": ["low", "medium", "high"][severity],
                                   "message": MESSAGES[ftype].format(t=word, c=cat) + " — " + verdict,
                                   "verdict": verdict})
-                method = "selective" if cat in CATEGORIES else "all_heads"
+                method = "selective" if cat in categories else "all_heads"
                 rec = {"id": i, "text": word, "lemma": word, "role": role, "category": cat,
                        "category_source": "lexicon", "binds_to": binds, "token_indices": [i + 2], "flags": flags,
                        "map_method": method,

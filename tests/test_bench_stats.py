@@ -142,6 +142,9 @@ def test_by_eye_counts_flags_against_the_labels_and_only_for_the_labelled_model(
         return {"index": index, "prompt": f"p{index}", "concepts": concepts, "links": [(0, "noun"), (1, "noun")]}
 
     gens = [gen(0, 0.0), gen(1, 0.0), gen(2, 0.9), gen(3, 0.9)]  # flagged, flagged, silent, silent
+    th = Thresholds(min_peak_ratio=0.0, min_concentration=0.0, max_shared_region=1.0, max_area=1.0,
+                    min_drawn_share=0.5, min_binding_margin=-1.0, position_margin=-1.0, min_category_margin=-9.0,
+                    min_colour_share=0.0, max_flag_rate=0.5)
     labels = {"who": "test", "model": {"fingerprint": "abc"}, "defects": {"star_neglected": {
         "question": "q", "candidates": [0, 1, 2, 3], "seen": [0, 2], "ambiguous": [1],
         "prompts": {str(i): f"p{i}" for i in range(4)}}}}
@@ -149,10 +152,10 @@ def test_by_eye_counts_flags_against_the_labels_and_only_for_the_labelled_model(
     path.write_text(json.dumps(labels))
     monkeypatch.setattr(bd, "LABELS", path)
     monkeypatch.setattr(bd, "ROOT", tmp_path)
-    out = bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "abc")["star_neglected"]
+    out = bd.by_eye(gens, th, "abc")["star_neglected"]
     assert (out["as_labelled"]["tp"], out["as_labelled"]["fp"], out["as_labelled"]["fn"], out["as_labelled"]["tn"]) \
         == (1, 1, 1, 1)
     assert (out["ambiguous_left_out"]["fp"], out["ambiguous_left_out"]["candidates"]) == (0, 3)
-    assert bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "another model") is None
+    assert bd.by_eye(gens, th, "another model") is None
     gens[3]["prompt"] = "another prompt at this index"  # labels of another prompt set do not apply either
-    assert bd.by_eye(gens, Thresholds(min_drawn_share=0.5), "abc") is None
+    assert bd.by_eye(gens, th, "abc") is None

@@ -4,7 +4,12 @@ head-relevance matrix, the models listing, and damaged weights."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ import torch
 from auditor.zoo import MODELS_DIR, bundled_models
 
 NAMES = [m.name for m in bundled_models()]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -48,6 +54,45 @@ def test_loads_offline_and_is_deterministic(pipe):
     assert not np.allclose(a, c)
     ids = pipe.tokenizer("a red star")["input_ids"]  # the real CLIP BPE: start, "a" = 320, "red" = 736, ..., end
     assert ids[:3] == [49406, 320, 736] and ids[-1] == 49407 and len(ids) == 5
+
+
+def test_every_weight_comes_from_its_file(pipe):
+    """Each component holds exactly the tensors of its safetensors file, under the same names: a library version
+    that names them otherwise (transformers 4.x wants a `text_model.` prefix) would leave weights randomly
+    initialised with only a warning."""
+    from safetensors.torch import load_file
+
+    for name in ("text_encoder", "unet", "vae"):
+        saved = {}
+        for f in sorted((MODELS_DIR / pipe.bundled_name / name).glob("*.safetensors")):
+            saved.update(load_file(f))
+        loaded = getattr(pipe, name).state_dict()
+        assert set(loaded) == set(saved), (name, sorted(set(loaded) ^ set(saved))[:5])
+        for key, tensor in saved.items():
+            assert loaded[key].dtype == torch.float32, (name, key, loaded[key].dtype)
+            assert torch.equal(loaded[key], tensor.float()), (name, key)
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def test_python_blocks_of_the_readme_and_the_cards_run_as_written():
+    """The README's API example and each card's "Load it" snippet, verbatim, in a fresh interpreter started in the
+    checkout (their paths are relative to it), each block in a namespace of its own."""
+    docs = [ROOT / "README.md"] + [MODELS_DIR / name / "README.md" for name in NAMES]
+    blocks = [(doc.relative_to(ROOT).as_posix(), block) for doc in docs for block in _python_blocks(doc)]
+    assert [d for d, _ in blocks].count("README.md") >= 1 and len(blocks) >= len(docs)
+    driver = ("import sys\n"
+              "for i, src in enumerate(sys.argv[1:]):\n"
+              "    exec(compile(src, f'<block {i}>', 'exec'), {'__name__': '__main__'})\n"
+              "    print('ran', i, flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", driver, *(b for _, b in blocks)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    ran = proc.stdout.split().count("ran")
+    assert proc.returncode == 0, f"{blocks[ran][0]}, python block failed:\n{blocks[ran][1]}\n{proc.stderr[-3000:]}"
+    assert ran == len(blocks)
 
 
 def test_context_is_cut_to_the_shapes_prompts(pipe):

@@ -106,9 +106,10 @@ CASES = [
     case("a cat next to a pair of boots", objects={"cat": "animal", "boots": "clothing"}, attrs={},
          counts={"boots": 2}, relations=[("cat", "next to", "boots")]),
     case("a dozen eggs in a basket", objects={"eggs": "food", "basket": "container"}, attrs={},
-         counts={"eggs": 12, "basket": 1}),
+         counts={"eggs": 12, "basket": 1}, relations=[("eggs", "in", "basket")]),
     case("several cats on a sofa", objects={"cats": "animal", "sofa": "furniture"}, attrs={},
-         counts={"cats": None, "sofa": 1}, plural={"cats"}, count_words={"several": (None, "cats")}),
+         counts={"cats": None, "sofa": 1}, plural={"cats"}, count_words={"several": (None, "cats")},
+         relations=[("cats", "on", "sofa")]),
     case("cats and dogs", objects={"cats": "animal", "dogs": "animal"}, attrs={},
          counts={"cats": None, "dogs": None}, plural={"cats", "dogs"}),
     case("one dog and three cats", objects={"dog": "animal", "cats": "animal"}, attrs={},
@@ -121,7 +122,7 @@ CASES = [
     case("an oil painting of a fire hydrant", objects={"fire hydrant": "urban"}, attrs={},
          styles={"oil painting": "style"}),
     case("a coffee cup on a wooden table", objects={"coffee cup": "container", "table": "furniture"},
-         attrs={"wooden": ("material", "table")}),
+         attrs={"wooden": ("material", "table")}, relations=[("coffee cup", "on", "table")]),
     case("a watercolor of a fox in the style of van gogh", objects={"fox": "animal"}, attrs={},
          styles={"watercolor": "style", "van gogh": "artist"}),
     case("an anime style portrait of a girl", objects={"girl": "person"}, attrs={},
@@ -146,12 +147,13 @@ CASES = [
     case("a vase in lavender color", objects={"vase": "container"}, attrs={"lavender": ("colour", "vase")}),
     case("a field of lavender", objects={"field": "landscape", "lavender": "plant"}, attrs={}),
     case("an orange cat", objects={"cat": "animal"}, attrs={"orange": ("colour", "cat")}),
-    case("an orange on a table", objects={"orange": "food", "table": "furniture"}, attrs={}),
+    case("an orange on a table", objects={"orange": "food", "table": "furniture"}, attrs={},
+         relations=[("orange", "on", "table")]),
     case("a glass table", objects={"table": "furniture"}, attrs={"glass": ("material", "table")}),
     case("a glass of water", objects={"glass": "container", "water": "food"}, attrs={}),
     case("a rose garden", objects={"garden": "landscape"}, attrs={"rose": ("plant", "garden")}),
     case("a bowl of strawberries with cream", objects={"bowl": "container", "strawberries": "food", "cream": "food"},
-         attrs={}),
+         attrs={}, relations=[("bowl", "with", "cream")]),  # what follows "of" goes with the bowl
     # --- spatial --------------------------------------------------------------------------------------------------
     case("a cat on top of a table", objects={"cat": "animal", "table": "furniture"}, attrs={},
          relations=[("cat", "on top of", "table")]),
@@ -164,6 +166,58 @@ CASES = [
     case("a boat in the foreground and mountains in the background",
          objects={"boat": "vehicle", "mountains": "landscape"}, attrs={},
          positions={"in the foreground": "boat", "in the background": "mountains"}),
+    # --- everyday prompts (issue 19): one-word prepositions relate objects ------------------------------------------
+    case("a cat on a windowsill", objects={"cat": "animal", "windowsill": "building"}, attrs={},
+         relations=[("cat", "on", "windowsill")]),
+    case("a cabin by the lake", objects={"cabin": "building", "lake": "landscape"}, attrs={},
+         relations=[("cabin", "by", "lake")]),  # a place after "by", not an artist
+    case("a man holding an umbrella in the rain", objects={"man": "person", "umbrella": "tool", "rain": "weather"},
+         attrs={"holding": ("action", "man")}, relations=[("man", "in", "rain")]),  # the one holding is in the rain
+    case("a cat and a dog on a sofa", objects={"cat": "animal", "dog": "animal", "sofa": "furniture"}, attrs={},
+         relations=[("cat", "on", "sofa"), ("dog", "on", "sofa")]),
+    case("a soldier with a rifle behind a wall", objects={"soldier": "person", "rifle": "unknown", "wall": "building"},
+         attrs={}, relations=[("soldier", "with", "rifle"), ("soldier", "behind", "wall")]),
+    case("a cup of tea on a saucer", objects={"cup": "container", "tea": "food", "saucer": "unknown"}, attrs={},
+         relations=[("cup", "on", "saucer")]),
+    case("a city at night", objects={"city": "urban", "night": "lighting"}, attrs={}),  # a time, not a place
+    # --- numerals that are not counts --------------------------------------------------------------------------------
+    case("a 35mm film photo of a woman", objects={"woman": "person"}, attrs={}, counts={"woman": 1},
+         styles={"35mm": "style", "film photo": "style"}),
+    case("an 85 mm lens portrait of a man", objects={"man": "person"}, attrs={}, counts={"man": 1},
+         styles={"85 mm lens": "style", "portrait": "style"}),
+    case("a street in 1920", objects={"street": "urban"}, attrs={"1920": ("age", "street")}, counts={"street": 1}),
+    case("a street in the 1920s, 4k", objects={"street": "urban"}, attrs={"1920s": ("age", "street")},
+         styles={"4k": "style"}),
+    case("3 kittens in a 4k photo", objects={"kittens": "animal"}, attrs={}, counts={"kittens": 3},
+         count_words={"3": (3, "kittens")}, styles={"4k": "style", "photo": "style"}),
+    case("two kids building a snowman", objects={"kids": "person", "snowman": "unknown"}, attrs={},
+         counts={"kids": 2}, count_words={"two": (2, "kids")}),  # "building" is what the kids do, not a noun
+    case("autumn leaves on a bench", objects={"leaves": "plant", "bench": "furniture"},
+         attrs={"autumn": ("weather", "leaves")}, relations=[("leaves", "on", "bench")]),
+    # --- hyphenated compounds -----------------------------------------------------------------------------------------
+    case("a close-up photo of a bee", objects={"bee": "animal"}, attrs={},
+         styles={"close-up": "style", "photo": "style"}),
+    case("a black-and-white photo of a street", objects={"street": "urban"},
+         attrs={"black-and-white": ("colour", "photo")}, styles={"photo": "style"}),
+    case("a red-haired girl", objects={"girl": "person"}, attrs={"red-haired": ("unknown", "girl")}),
+    # --- what people wear: the wearer does the verb -----------------------------------------------------------------
+    case("a knight with a long beard wearing armor",
+         objects={"knight": "person", "beard": "body part", "armor": "clothing"},
+         attrs={"long": ("size", "beard"), "wearing": ("action", "knight")}),
+    case("a chef in a white apron cooking in a kitchen",
+         objects={"chef": "person", "apron": "clothing", "kitchen": "building"},
+         attrs={"white": ("colour", "apron"), "cooking": ("action", "chef")},
+         relations=[("chef", "in", "kitchen")]),  # "in a white apron": worn, no relation
+    case("a woman in a red dress on a beach", objects={"woman": "person", "dress": "clothing", "beach": "landscape"},
+         attrs={"red": ("colour", "dress")}, relations=[("woman", "on", "beach")]),
+    case("a girl without shoes running on the sand",  # the one without shoes runs, and is on the sand
+         objects={"girl": "person", "shoes": "clothing", "sand": "landscape"},
+         attrs={"running": ("action", "girl")}, negated={"shoes"}, relations=[("girl", "on", "sand")]),
+    # --- a negated object is nobody's relation ----------------------------------------------------------------------
+    case("a dog without a collar next to a cat", objects={"dog": "animal", "collar": "clothing", "cat": "animal"},
+         attrs={}, negated={"collar"}, relations=[("dog", "next to", "cat")]),
+    case("a street with no cars under a bridge", objects={"street": "urban", "cars": "vehicle", "bridge": "building"},
+         attrs={}, negated={"cars"}, relations=[("street", "under", "bridge")]),
 ]
 
 
@@ -277,6 +331,96 @@ def test_json_every_attribute_binds(clip_tokenizer):
 def test_extract_many_equals_extract():
     prompts = ["an orange star", "an orange", "two green triangles"]
     assert [c.to_json() for c in extract_many(prompts)] == [extract(p).to_json() for p in prompts]
+
+
+# --- invisible characters: removed before parsing, and the change recorded ------------------------------------
+
+
+@pytest.mark.parametrize("dirty", [
+    "a red\u200b car on a bridge",  # zero-width space
+    "a \u202ered\u202c car on a bridge",  # right-to-left override ... pop
+    "\ufeffa red car on a\u2066 bridge\u2069",  # byte-order mark, left-to-right isolate
+    "a red car\u200f on a\u200d bridge",  # right-to-left mark, zero-width joiner
+    "ａ red car on a bridge",  # a full-width letter (NFKC)
+])
+def test_invisible_characters_do_not_change_the_parse(dirty, clip_tokenizer):
+    clean = extract("a red car on a bridge", clip_tokenizer)
+    cs = extract(dirty, clip_tokenizer)
+    assert cs.prompt == clean.prompt
+    assert [c.to_json(cs) for c in cs.items] == [c.to_json(clean) for c in clean.items]
+    assert cs.original == dirty and cs.changes
+    data = cs.to_json()
+    assert (data["prompt"], data["original_prompt"], data["normalisation"]) == (clean.prompt, dirty, list(cs.changes))
+    assert cs.to_text().splitlines()[-1].startswith("prompt normalised to 'a red car on a bridge': ")
+
+
+def test_normalisation_names_what_it_removed():
+    cs = extract("a red\u200b car\u200b and a \u202eblue\u202c bike")
+    assert cs.changes == ("removed 4 invisible character(s): U+200B ZERO WIDTH SPACE x2, "
+                          "U+202E RIGHT-TO-LEFT OVERRIDE x1, U+202C POP DIRECTIONAL FORMATTING x1",)
+
+
+def test_clean_prompt_records_nothing():
+    cs = extract("a red car on a bridge")
+    assert cs.original is None and cs.changes == ()
+    assert "original_prompt" not in cs.to_json() and "normalised" not in cs.to_text()
+
+
+# --- the everyday prompt set and its scorer (bench/concepts.py --everyday) ------------------------------------
+
+
+def _bench_concepts():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "concepts.py"
+    spec = importlib.util.spec_from_file_location("bench_concepts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_everyday_set_loads():
+    bench = _bench_concepts()
+    cases = bench.load_everyday()
+    assert len(cases) >= 100
+    assert len({c["prompt"] for c in cases}) == len(cases)
+    for kind in ("objects", "attributes", "relations", "counts", "negated"):
+        assert sum(len(c[kind]) for c in cases) >= 10, kind
+    assert any(any(ord(ch) > 0x2000 for ch in c["prompt"]) for c in cases)  # invisible characters are in it
+
+
+def test_everyday_loader_refuses_a_malformed_entry(tmp_path):
+    bench = _bench_concepts()
+    bad = tmp_path / "set.yaml"
+    bad.write_text("prompts:\n  - prompt: a cat on a mat\n    relations: [[cat, mat]]\n")
+    with pytest.raises(ValueError, match="relations item .* needs 3 parts"):
+        bench.load_everyday(bad)
+    bad.write_text("prompts:\n  - prompt: a cat\n    objetcs: [cat]\n")
+    with pytest.raises(ValueError, match="only objects"):
+        bench.load_everyday(bad)
+
+
+def test_everyday_scorer_on_a_tiny_case():
+    bench = _bench_concepts()
+    want = {"prompt": "p", "objects": [("cat",), ("kitchen table",)], "attributes": [("red", "cat")],
+            "relations": [("cat", "on", "kitchen table")], "counts": [], "negated": [("hat",)]}
+    got = {"objects": [("cat",), ("table",), ("dog",)], "attributes": [("red", "table")],
+           "relations": [("cat", "on", "table"), ("cat", "on", "table")], "counts": [("cat", 2)], "negated": []}
+    totals, misses = bench.score([want], [got])
+    pick = {k: (t["tp"], t["fp"], t["fn"]) for k, t in totals.items()}
+    assert pick == {"objects": (2, 1, 0), "attributes": (0, 1, 1), "relations": (1, 1, 0), "counts": (0, 1, 0),
+                    "negated": (0, 0, 1)}
+    assert totals["objects"]["precision"] == 0.667 and totals["objects"]["recall"] == 1.0
+    assert totals["counts"]["recall"] is None  # nothing expected, nothing to recall
+    assert misses[0]["attributes"] == {"extra": [("red", "table")], "missed": [("red", "cat")]}
+
+
+def test_everyday_predicted_reads_concepts():
+    bench = _bench_concepts()
+    got = bench.predicted(extract("two cats without collars on a red bed"))
+    assert got == {"objects": [("cats",), ("collars",), ("bed",)], "attributes": [("red", "bed")],
+                   "relations": [("cats", "on", "bed")], "counts": [("cats", 2)], "negated": [("collars",)]}
 
 
 # --- the shapes world's own prompts: the grammar knows which words describe which object ----------------------

@@ -10,11 +10,13 @@ import pytest
 
 from auditor.diagnostics import (ConceptView, SCORE_DIRECTIONS, diagnose, flags_from_records, flags_from_scores,
                                  scores)
-from auditor.thresholds import Thresholds, load
+from auditor.errors import AuditorError
+from auditor.thresholds import Thresholds
 
 S = 32
-TH = Thresholds(min_peak_ratio=0.3, min_concentration=0.3, max_shared_region=0.6, min_binding_margin=-0.1,
-                position_margin=0.05, min_category_margin=0.0, max_flag_rate=0.5, k=8)
+TH = Thresholds(min_peak_ratio=0.3, min_concentration=0.3, max_shared_region=0.6, max_area=0.6, min_drawn_share=0.2,
+                min_binding_margin=-0.1, position_margin=0.05, min_category_margin=0.0, min_colour_share=0.02,
+                max_flag_rate=0.5)
 
 
 def blob(cx: float, cy: float, peak: float = 1.0, r: float = 0.12, floor: float = 0.01) -> np.ndarray:
@@ -242,16 +244,30 @@ def test_stored_records_rejudge_to_the_same_flags():
 
 
 def test_every_threshold_a_score_cuts_exists():
-    names = set(Thresholds().to_json())
+    names = set(TH.to_json())
     assert set(SCORE_DIRECTIONS) <= names
 
 
-def test_calibrated_file_overrides_defaults_and_keeps_provenance_out(tmp_path):
-    p = tmp_path / "t.json"
-    p.write_text(json.dumps({"min_peak_ratio": 0.11, "k": 6, "provenance": {"prompts": "x"}}))
-    th = load(p)
-    assert th.min_peak_ratio == 0.11 and th.k == 6 and th.min_concentration == Thresholds().min_concentration
-    assert load(tmp_path / "absent.json") == Thresholds()
+def test_thresholds_have_no_defaults_and_are_read_strictly():
+    with pytest.raises(TypeError):
+        Thresholds()  # no package-wide value: a profile must give every one
+    data = {**TH.to_json(), "provenance": {"prompts": "x"}}
+    assert Thresholds.from_json(data) == TH
+    with pytest.raises(AuditorError, match="missing max_area"):
+        Thresholds.from_json({k: v for k, v in data.items() if k != "max_area"})
+    with pytest.raises(AuditorError, match="not finite"):
+        Thresholds.from_json({**data, "min_peak_ratio": float("nan")})
+    assert Thresholds.from_json({**data, "position_margin": None}).position_margin is None
+
+
+def test_a_threshold_without_calibration_data_silences_its_rule_and_none_flags_nothing():
+    views = scene(cat_position="left", cat_map=blob(0.8, 0.5))
+    _, flags = diagnose(views, TH)
+    assert any(f.type == "misplaced" for f in flags)
+    off = Thresholds(**{**TH.to_json(), "position_margin": None})
+    assert not any(f.type == "misplaced" and "left" in f.message for f in diagnose(views, off)[1])
+    sc, none = diagnose(views, None)  # an uncalibrated profile: scores, no flags
+    assert none == [] and sc
 
 
 def test_colour_values_are_colour_words_and_synonyms_share_a_term():

@@ -63,26 +63,34 @@ def test_methods_differ_when_relevance_differs(traced):
     assert not np.allclose(M.concept_map(traced, idx, "selective", rm, "vehicle", 8).raw, cm["selective"].raw)
 
 
-def test_selecting_every_head_is_the_all_heads_map(traced):
-    rm = _relevance(traced)
+def test_methods_differ_only_in_their_heads(traced):
+    # selective over exactly the heads DAAM aggregates is DAAM's map: one aggregation, other heads
     idx = traced.token_indices("car")
-    every = M.concept_map(traced, idx, "selective", rm, "vehicle", k=traced.head_index.total)
-    np.testing.assert_allclose(every.raw, M.concept_map(traced, idx, "all_heads").raw, rtol=1e-5, atol=1e-7)
+    daam = M.daam_weights(traced.head_names)
+    votes = np.vstack([daam * 100 + np.arange(len(daam))[::-1] % 7] * len(CATS)).astype(np.int64)
+    rm = RelevanceMatrix.from_votes(CATS, traced.head_names, votes, budget_prompts=1, steps=1)
+    sel = M.concept_map(traced, idx, "selective", rm, "vehicle", k=int(daam.sum()))
+    np.testing.assert_allclose(sel.raw, M.concept_map(traced, idx, "all_heads").raw, rtol=1e-5, atol=1e-8)
+    assert not any(traced.head_names[h].startswith("mid_block") for h in sel.heads)
 
 
-def test_aggregation_equals_mean_of_resized_head_maps(traced):
+def test_aggregation_is_the_weighted_mean_of_latent_head_maps(traced):
     rm = _relevance(traced, seed=4)
     idx = traced.token_indices("red")
-    heads = traced.token_head_maps(list(idx)).numpy()  # [H, 64, 96], each head resized on its own
-    assert heads.shape == (128, 64, 96)
-    np.testing.assert_allclose(M.concept_map(traced, idx, "all_heads").raw, heads.mean(0), rtol=1e-4, atol=1e-6)
-    w = rm.row("colour")
-    want = (w[:, None, None] * heads).sum(0) / w.sum()
-    np.testing.assert_allclose(M.concept_map(traced, idx, "weighted", rm, "colour").raw, want, rtol=1e-4, atol=1e-6)
-    # a word's map sums its tokens: two tokens' map is the sum of each one's
-    both = M.concept_map(traced, (2, 3), "all_heads").raw
-    one = M.concept_map(traced, (2,), "all_heads").raw + M.concept_map(traced, (3,), "all_heads").raw
-    np.testing.assert_allclose(both, one, rtol=1e-5)
+    heads = M.latent_head_maps(traced, idx)  # [H, 8, 12]: the latent grid
+    assert tuple(heads.shape) == (128, 8, 12) and float(heads.min()) >= 0.0
+    w = torch.as_tensor(rm.row("colour"))
+    lat = (w[:, None, None] * heads).sum(0) / w.sum()
+    want = torch.nn.functional.interpolate(lat[None, None], size=(64, 96), mode="bicubic")[0, 0].numpy()
+    np.testing.assert_allclose(M.concept_map(traced, idx, "weighted", rm, "colour").raw, want, rtol=1e-4, atol=1e-7)
+    # a word's map is the mean of its tokens' maps (DAAM's rule), for every method
+    both = M.concept_map(traced, (2, 3), "selective", rm, "colour", k=8).raw
+    one = [M.concept_map(traced, (t,), "selective", rm, "colour", k=8).raw for t in (2, 3)]
+    np.testing.assert_allclose(both, (one[0] + one[1]) / 2, rtol=1e-4, atol=1e-8)
+    # the bilinear per-layer mean (category_response's) is still the mean of bilinearly resized head maps
+    bil = traced.token_head_maps(list(idx)).numpy()
+    np.testing.assert_allclose(M.aggregate(traced, idx, np.ones(128, np.float32)).numpy(), bil.mean(0),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_head_maps_carry_names(traced):
@@ -140,3 +148,9 @@ def test_prompt_maps_writes_image_and_side_by_side_overlays(tmp_path, traced):
     panel = Image.open(rec["concepts"][0]["overlay"])
     assert panel.width > 4 * 256 and set(rec["concepts"][0]["maps"]) == set(M.METHODS)
     assert rec["relevance_sha256"] == rm.sha256
+
+
+def test_a_map_too_flat_for_otsus_bins_has_no_region():
+    m = np.full((8, 8), 0.0125, np.float32)
+    m[0, 0] = np.nextafter(np.float32(0.0125), np.float32(1))  # a range of one float32 step
+    assert not M.binarize(m).any()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 
+import numpy as np
 import pytest
 
 import tiny_pipelines as tp
@@ -19,20 +19,6 @@ def private_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def saved_sd15(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sd15")
-    tp.sd15().save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture
-def model_copy(saved_sd15, tmp_path):
-    dst = tmp_path / "model"
-    shutil.copytree(saved_sd15, dst)
-    return dst
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -123,11 +109,13 @@ def test_cli_calibrate_then_maps(model_copy, tmp_path, cli):
     from auditor.engine.relevance import calibrate
 
     code, out, err = cli("calibrate", "--model", str(model_copy), "--budget", "2", "--steps", "1", "--json",
-                         "--out", str(tmp_path / "cal"))
+                         "--threshold-prompts", "0", "--out", str(tmp_path / "cal.json"))
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["budget_prompts"] == 2 and summary["original_budget"] == {"prompts": 2100, "steps": 50}
-    assert (tmp_path / "cal.npz").is_file() and "calibrating" in err
+    prov = summary["provenance"]
+    assert prov["relevance"]["budget_prompts"] == 2 and prov["ranking"]["budget_prompts"] == 2
+    assert "calibration-general.txt" in prov["ranking"]["prompts"] and summary["calibrated"] is False
+    assert (tmp_path / "cal.json").is_file() and "relevance" in err and "ranking" in err
     # two prompts cannot give all 33 lexicon categories votes: map with a small matrix that has the prompt's two
     lm = M.load_model(str(model_copy), device="cpu")
     lex = {"colour": ["red", "blue"], "animal": ["cat", "dog"]}
@@ -160,3 +148,95 @@ def test_maps_refuses_a_prompt_past_the_context(cli, tmp_path):
     code, out, err = cli("maps", long, "--steps", "1", "--out", str(tmp_path / "m"))
     assert code == 2 and err.count("\n") == 1 and "too long" in err and "'white' falls past token 24" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_sdxl_word_lookup_reads_prompt_2():
+    """SDXL's text token i is token i of the prompt (first encoder) beside token i of prompt_2 (second): a word only
+    prompt_2 has is found there, and a word whose token meets another word of the other prompt is refused."""
+    from auditor.engine.capture import trace
+
+    pipe = tp.sdxl()
+    with trace(pipe) as tr:
+        tp.generate(pipe, "a red star", prompt_2="a red star on a table", steps=1)
+    assert tr.token_indices("star") == (3,) and tr.token_indices("table") == (6,)
+    m = tr.maps("table", method="all_heads")
+    assert m.shape == (64, 64) and np.isfinite(m).all()
+    with trace(pipe) as tr:
+        tp.generate(pipe, "a red star", prompt_2="a blue circle", steps=1)
+    with pytest.raises(AuditorError) as e:
+        tr.token_indices("star")
+    assert "'circle'" in _one_line(e) and "prompt_2" in str(e.value)
+    assert tr.maps([3], method="all_heads").shape == (64, 64)  # token indices: the user asked for that column
+    with trace(pipe) as tr:
+        tp.generate(pipe, "a red star", steps=1)  # no prompt_2: both encoders read the prompt
+    assert tr.token_indices("star") == (3,)
+    with pytest.raises(AuditorError, match="does not occur"):
+        tr.token_indices("table")
+
+
+def test_a_folder_of_fp16_variant_files_only_loads_with_variant(tmp_path, cli):
+    """SDXL repositories often ship only model.fp16.safetensors files: a plain load names the --variant to pass."""
+    import torch
+
+    path = tmp_path / "fp16-only"
+    tp.sd15().save_pretrained(path, safe_serialization=True, variant="fp16")
+    assert {M.variant_of(p) for p in M.weight_files(path)} == {"fp16"}
+    with pytest.raises(AuditorError) as e:
+        M.load_model(str(path), device="cpu")
+    assert "--variant fp16" in _one_line(e)
+    with pytest.raises(AuditorError) as e:
+        M.load_model(str(path), device="cpu", variant="bf16")
+    assert "--variant bf16" in _one_line(e) and "fp16" in str(e.value)
+    lm = M.load_model(str(path), device="cpu", variant="fp16")
+    assert lm.variant == "fp16" and lm.to_json()["variant"] == "fp16" and M.fingerprint_of(lm.pipe) == lm.fingerprint
+    assert lm.fingerprint == M.fingerprint(path, "fp16") != M.fingerprint(path)  # another model than a plain load
+    for name, want in tp.sd15().unet.state_dict().items():
+        assert torch.equal(lm.pipe.unet.state_dict()[name], want), name
+    code, out, err = cli("maps", "a red cat", "--model", str(path), "--variant", "fp16", "--method", "all_heads",
+                         "--steps", "1", "--height", "64", "--width", "96", "--out", str(tmp_path / "maps"), "--json")
+    assert code == 0, err
+    from PIL import Image
+
+    assert json.loads(out)["model"]["variant"] == "fp16"
+    assert Image.open(tmp_path / "maps" / "image.png").size == (96, 64)  # (width, height)
+    code, out, err = cli("maps", "a red cat", "--model", str(path), "--variant", "fp16", "--height", "100")
+    assert code == 2 and err.count("\n") == 1 and "--height 100" in err and "multiple of 8" in err
+
+
+def test_audit_height_and_width_give_non_square_images(cli, tmp_path):
+    suite = tmp_path / "wide.yaml"
+    suite.write_text("name: wide\ndefaults: {steps: 2, seeds: [0], guidance: 5.0, resolution: 64}\n"
+                     "prompts:\n  - {id: p1, text: a red star}\n")
+    out = tmp_path / "run"
+    code, _, err = cli("audit", str(suite), "--out", str(out), "--no-pdf", "--width", "96", "--json")
+    assert code == 0, err
+    from PIL import Image
+
+    from auditor.store import RunStore
+
+    with RunStore.open(out) as store:
+        assert store.manifest["resolution"] == [64, 96]  # the suite's height, the asked width
+        image = store.generations()[0]["image"]
+    assert Image.open(out / image).size == (96, 64)
+    code, _, err = cli("audit", str(suite), "--resume", str(out), "--no-pdf", "--height", "96")
+    assert code == 2 and err.count("\n") == 1 and "64x96" in err and "--height 96" in err
+
+
+@pytest.mark.parametrize("args", [[], ["audit"], ["maps"], ["calibrate"], ["models"]])
+def test_help_shows_flags_as_flags_and_names_the_supported_families(cli, args):
+    import re
+
+    code, out, err = cli(*args, "--help")
+    assert code == 0 and err == ""
+    assert "<bool>" not in out
+    assert re.search(r"^  --help +Show this message", out, re.M)
+    if args:
+        assert re.search(r"^  --json +Print JSON\.", out, re.M), out
+    text = " ".join(out.split())
+    if args in ([], ["audit"]):
+        assert "Stable Diffusion 1.x or 2.x" in text and "SDXL" in text, text
+    if not args:  # one line per command, none cut off mid-sentence
+        commands = out.split("Commands:")[1]
+        assert "..." not in commands and "audit" in commands
+    if args in (["audit"], ["maps"]):
+        assert "--height" in out and "--width" in out and "--variant" in out

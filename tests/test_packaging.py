@@ -1,5 +1,5 @@
 """A non-editable install carries everything the audit reads at run time (templates, suites, lexicon, bundled
-models with their relevance matrices, calibrated thresholds), not only a checkout."""
+models with their relevance matrices and audit profiles), not only a checkout."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ def test_installed_package_finds_its_data(tmp_path):
     probe = (
         "import auditor, auditor.resources as r\n"
         "from auditor.zoo import bundled_models\n"
-        "from auditor.thresholds import CALIBRATED\n"
         "assert r.templates_dir().joinpath('report.html.j2').is_file()\n"
         "assert r.suites_dir().joinpath('shapes-default.yaml').is_file()\n"
-        "assert CALIBRATED.parent == __import__('pathlib').Path(auditor.__file__).parent\n"
+        "for m in bundled_models(): assert (m.path / 'profile.json').is_file(), m\n"
         "ms = bundled_models(); assert ms\n"
         "for m in ms: assert (m.path / 'unet' / 'diffusion_pytorch_model.safetensors').is_file(), m\n"
         "print(auditor.__file__)\n"
@@ -32,5 +31,26 @@ def test_installed_package_finds_its_data(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
-    for name in ("thresholds.json", "zoo/models/shapes-v1/relevance.npz", "lexicon"):
+    for name in ("zoo/models/shapes-v1/profile.json", "zoo/models/shapes-v1/relevance.npz", "lexicon"):
         assert (target / "auditor" / name).exists() == (ROOT / "auditor" / name).exists(), name
+
+
+@pytest.mark.parametrize("dist", ["diffusers", "transformers"])
+def test_model_library_ranges_are_the_tested_versions(dist):
+    """pyproject allows only the minor series the suite ran with, starting at the installed release: a wider range
+    would promise versions nobody loaded the bundled models with (tests/test_bundled.py checks the loading)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    req = next(Requirement(d) for d in deps if Requirement(d).name == dist)
+    installed = Version(version(dist))
+    assert installed in req.specifier, f"{dist} {installed} is installed but pyproject allows {req.specifier}"
+    lower = [Version(s.version) for s in req.specifier if s.operator == ">="]
+    upper = [Version(s.version) for s in req.specifier if s.operator == "<"]
+    assert lower and upper, f"{dist}: expected a >= and a < bound, got {req.specifier}"
+    assert lower[0].release[:2] == installed.release[:2] and lower[0] <= installed, (dist, str(req.specifier))
+    assert upper[0] <= Version(f"{installed.major}.{installed.minor + 1}"), (dist, str(req.specifier))

@@ -227,8 +227,8 @@ def _digest(paths: list[Path]) -> dict[str, str]:
 def test_changed_templates_give_a_new_report_without_regenerating(run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    kept = [copy / "run.sqlite", *sorted((copy / "images").iterdir()), *sorted((copy / "maps").iterdir())]
-    before = _digest(kept)
+    kept = [*sorted((copy / "images").iterdir()), *sorted((copy / "maps").iterdir())]
+    before = _digest(kept), _stored_run(copy)
     templates = tmp_path / "templates"
     shutil.copytree(render_mod.templates_dir(), templates)
     methods = templates / "partials" / "methods.html.j2"
@@ -236,7 +236,19 @@ def test_changed_templates_give_a_new_report_without_regenerating(run, tmp_path,
     monkeypatch.setattr(render_mod, "templates_dir", lambda: templates)
     render_html(copy)
     assert "TEMPLATE-MARK" in (copy / "report.html").read_text()
-    assert _digest(kept) == before  # nothing of the run itself was touched
+    assert (_digest(kept), _stored_run(copy)) == before  # nothing of the run itself was touched
+
+
+def _stored_run(run: Path) -> list:
+    """The run as stored: manifest, generations and summary (run.sqlite also records the sha256 of the reports a
+    re-render writes, so its bytes change)."""
+    import sqlite3
+
+    conn = sqlite3.connect(run / "run.sqlite")
+    try:
+        return [conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("manifest", "generations", "summary")]
+    finally:
+        conn.close()
 
 
 def test_report_command_rerenders_with_pdf_and_checksums_verify(cli, run, doc, tmp_path):
@@ -294,3 +306,61 @@ def test_report_refuses_an_unwritable_folder(cli, run, tmp_path):
         finally:
             for p in [copy, *copy.rglob("*")]:
                 p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def _wide_run(run_dir: Path, height: int = 32, width: int = 64) -> Path:
+    """A one-image run of a non-square audit, its overlays made by the runner's own ``overlay``."""
+    import numpy as np
+    from PIL import Image
+
+    from auditor.engine.maps import overlay
+    from auditor.store import RunStore, manifest_base
+    from auditor.summary import summarise
+
+    manifest = {**manifest_base(["auditor", "audit", "wide.yaml"]), "model": {"name": "wide", "fingerprint": "fpw"},
+                "suite": {"name": "wide", "prompt_ids": ["wide"]}, "seeds": [0], "steps": 2,
+                "resolution": [height, width]}
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    norm = rng.random((height, width)).astype(np.float32)
+    concept = {"id": 0, "text": "star", "role": "object", "category": "shape", "binds_to": None,
+               "token_indices": [2], "flags": [], "map_method": "selective", "scores": {}}
+    with RunStore.create(run_dir, manifest) as store:
+        store.add_generation({"prompt_id": "wide", "prompt": "a star", "seed": 0, "tags": [], "concepts": [concept]},
+                             image, {"0_selective": norm, "0_all_heads": norm},
+                             {"0_selective": overlay(image, norm), "0_all_heads": overlay(image, norm)})
+        store.finish(summarise(store.generations(), None, 0.5))
+    return run_dir
+
+
+def _image_boxes(document, base: Path):
+    """(laid-out width / height, the image file's width / height) of every image WeasyPrint placed."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    for page in document.pages:
+        stack = [page._page_box]
+        while stack:
+            box = stack.pop()
+            stack.extend(getattr(box, "children", None) or [])
+            src = box.element.get("src") if getattr(box, "replacement", None) and box.element is not None else None
+            if not src:
+                continue
+            data = base64.b64decode(src.split(",", 1)[1]) if src.startswith("data:") else (base / src).read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                yield src[:40], box.width / box.height, im.width / im.height
+
+
+def test_a_non_square_audit_keeps_its_aspect_ratio_in_html_and_pdf(tmp_path):
+    from weasyprint import HTML
+
+    run = _wide_run(tmp_path / "wide")
+    publish(run, pdf=False)
+    screen = HTML(filename=str(run / "report.html"), media_type="screen").render()
+    for name, document in (("html", screen), ("pdf", pdf_document(run))):
+        shown = [(src, laid, own) for src, laid, own in _image_boxes(document, run) if "figures/" not in src]
+        assert len(shown) == 3, (name, shown)  # the image and its concept's two maps
+        for src, laid, own in shown:
+            assert own == pytest.approx(2.0) and laid == pytest.approx(own, rel=0.02), (name, src, laid, own)

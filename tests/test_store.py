@@ -178,6 +178,28 @@ def test_add_generation_refuses_duplicates_and_malformed_input(tmp_path):
         assert store.finished() == {("a", 0)}
 
 
+def test_a_seed_sqlite_cannot_hold_is_refused_before_any_file_is_written(tmp_path):
+    with RunStore.create(tmp_path / "r", _manifest()) as store:
+        for seed in (2 ** 63, -1):
+            rec, image, maps, overlays = _gen("a", 0)
+            with pytest.raises(ValueError, match="seed"):
+                store.add_generation({**rec, "seed": seed}, image, maps, overlays)
+        assert store.finished() == set()
+    assert not list((tmp_path / "r" / "images").iterdir()) and not list((tmp_path / "r" / "maps").iterdir())
+
+
+def test_every_artefact_is_recorded_with_its_sha256_in_the_transaction_of_its_generation(tmp_path):
+    import hashlib
+
+    with RunStore.create(tmp_path / "r", _manifest()) as store:
+        stored = store.add_generation(*_gen("a", 0))
+        recorded = store.artifacts()
+    files = {stored["image"], stored["maps_file"], *(p for c in stored["concepts"] for p in c["maps"].values())}
+    assert set(recorded) == files
+    for rel, digest in recorded.items():
+        assert hashlib.sha256((tmp_path / "r" / rel).read_bytes()).hexdigest() == digest
+
+
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, sys.argv[2])
@@ -297,7 +319,7 @@ def test_summary_counts_prompts_fidelity_and_acceptance():
     assert not crit["flag rate of category shape"]["passed"]  # nothing measured is not a pass
     assert crit["category colour audited"]["passed"] and not crit["category animal audited"]["passed"]
     assert s["acceptance"]["passed"] is False
-    assert summarise(gens, None)["acceptance"] == {"declared": False, "passed": None, "criteria": []}
+    assert summarise(gens, None, 0.5)["acceptance"] == {"declared": False, "passed": None, "criteria": []}
 
 
 def test_a_failing_concept_gets_one_sentence_across_seeds_naming_its_words():
@@ -310,13 +332,13 @@ def test_a_failing_concept_gets_one_sentence_across_seeds_naming_its_words():
                  "verdict": "the colour is probably not drawn as asked"}
     went = {"type": "misplaced", "severity": "low", "message": "m", "verdict": "the colour probably went to 'cube'"}
     gens = [gen(0, [not_drawn]), gen(1, [not_drawn, went]), gen(2, [not_drawn]), gen(3, [])]
-    star, purple = summarise(gens)["concepts"]
+    star, purple = summarise(gens, None, 0.5)["concepts"]
     assert star["sentence"] is None and star["verdict"] is None
     assert purple["verdict"] == "the colour is probably not drawn as asked"  # what most of its flags say
     assert purple["sentence"] == ("'purple' on 'star': flagged in 3 of 4 seeds (misplaced ×1, misinterpreted ×3) — "
                                   "the colour is probably not drawn as asked")
     old = [gen(0, [{"type": "missing", "severity": "low", "message": "m"}])]  # a run stored before verdicts
-    assert summarise(old)["concepts"][1]["sentence"] == "'purple' on 'star': flagged in 1 of 1 seed (missing ×1)"
+    assert summarise(old, None, 0.5)["concepts"][1]["sentence"] == "'purple' on 'star': flagged in 1 of 1 seed (missing ×1)"
 
 
 def test_a_partial_run_gets_a_provisional_summary(tmp_path):

@@ -179,6 +179,7 @@ class Tap:
         self.modules = mods
         self.head_index = HeadIndex(tuple(n for n, _ in mods), tuple(int(m.heads) for _, m in mods))
         self.prompts: list[str] | None = None
+        self.prompts_2: list[str] | None = None  # SDXL's prompt_2 (its second text encoder's), when the call gave one
         self.images_per_prompt = 1
         self.grids: dict[str, tuple[int, int]] = {}
         self.latent_size: tuple[int, int] | None = None
@@ -189,8 +190,10 @@ class Tap:
         self.first_cond = 0  # batch index of the first conditional item
 
     # --- hook callbacks ---------------------------------------------------------------------------------------
-    def on_generation(self, prompts: list[str] | None, images_per_prompt: int) -> None:
+    def on_generation(self, prompts: list[str] | None, images_per_prompt: int,
+                      prompts_2: list[str] | None = None) -> None:
         self.prompts, self.images_per_prompt = prompts, max(int(images_per_prompt or 1), 1)
+        self.prompts_2 = prompts_2
         self.steps_seen = self.steps_counted = 0
         self.grids = {}
         self.reset()
@@ -299,7 +302,8 @@ def tapped(tap: Tap):
                     bound = sig.bind_partial(*args, **kwargs).arguments
                 except TypeError:
                     bound = kwargs
-                tap.on_generation(_as_prompt_list(bound.get("prompt")), bound.get("num_images_per_prompt", 1))
+                tap.on_generation(_as_prompt_list(bound.get("prompt")), bound.get("num_images_per_prompt", 1),
+                                  _as_prompt_list(bound.get("prompt_2")))
                 return encode(*args, **kwargs)
 
             pipe.encode_prompt = encode_and_note
@@ -397,13 +401,58 @@ class Trace(Tap):
         if self.tokenizer is None:
             raise AuditorError("the pipeline has no tokenizer to locate words: use token indices instead")
         prompt = self.prompts[prompt_index]
-        try:
-            span = word_indices(prompt, word, self.tokenizer, occurrence)
-        except KeyError as exc:
-            raise AuditorError(str(exc.args[0])) from None
-        if not span.indices:
-            raise AuditorError(f"{word!r} falls past the text encoder's token limit in {prompt!r}")
-        return span.indices
+        second = self._prompt_2(prompt_index)
+        if second is None:
+            try:
+                span = word_indices(prompt, word, self.tokenizer, occurrence)
+            except KeyError as exc:
+                raise AuditorError(str(exc.args[0])) from None
+            if not span.indices:
+                raise AuditorError(f"{word!r} falls past the text encoder's token limit in {prompt!r}")
+            return span.indices
+        return self._indices_of_two(word, prompt, second, occurrence)
+
+    def _prompt_2(self, prompt_index: int) -> str | None:
+        """The prompt the second text encoder read for this item, when it differs from ``prompt``."""
+        if not self.prompts_2:
+            return None
+        second = self.prompts_2[prompt_index if len(self.prompts_2) > 1 else 0]
+        return None if second == self.prompts[prompt_index] else second
+
+    def _indices_of_two(self, word: str, prompt: str, second: str, occurrence: int) -> tuple[int, ...]:
+        """SDXL puts the two encoders' states side by side: text token i is token i of ``prompt`` (first encoder)
+        joined with token i of ``prompt_2`` (second). A word's columns are where either prompt has it, each prompt
+        read by its own tokenizer; a column where the other prompt has a different word would mix the two, so it
+        is refused rather than mapped."""
+        from auditor.align import word_indices
+
+        tokenizers = (self.tokenizer, getattr(self.pipe, "tokenizer_2", None) or self.tokenizer)
+        texts = (prompt, second)
+        found = []
+        for text, tok in zip(texts, tokenizers):
+            try:
+                span = word_indices(text, word, tok, occurrence)
+            except KeyError:
+                continue
+            if not span.indices:
+                raise AuditorError(f"{word!r} falls past the text encoder's token limit in {text!r}")
+            found += span.indices
+        if not found:
+            raise AuditorError(f"word {word!r} does not occur {occurrence + 1} time(s) in the prompt {prompt!r} "
+                               f"or its prompt_2 {second!r}")
+        tokens = []
+        for text, tok in zip(texts, tokenizers):
+            ids = tok(text, truncation=True)["input_ids"]
+            special = set(getattr(tok, "all_special_ids", ()))
+            tokens.append([None if i in special else i for i in ids])
+        for i in sorted(set(found)):
+            a, b = (t[i] if i < len(t) else None for t in tokens)
+            if a is not None and b is not None and a != b:
+                words = [tok.decode([x]).strip() for tok, x in zip(tokenizers, (a, b))]
+                raise AuditorError(f"{word!r}: text token {i} joins {words[0]!r} of the prompt with {words[1]!r} of "
+                                   f"prompt_2 (one per text encoder), so its map would mix two words; pass token "
+                                   f"indices to map it anyway, or generate with prompt_2 unset or equal to the prompt")
+        return tuple(sorted(set(found)))
 
     def special_tokens(self, prompt_index: int = 0) -> dict[str, list[int]]:
         """Token indices of the start token, end token and padding of a traced prompt (their maps on request)."""
@@ -432,7 +481,7 @@ class Trace(Tap):
                 if isinstance(word, str):
                     from auditor.engine.relevance import category_of
 
-                    category = category_of(word, self.pipe, relevance.categories).category
+                    category = category_of(word, self.pipe, relevance.category_limit).category
                 else:
                     raise AuditorError(f"method {method!r} needs a category for token indices {list(word)}")
         return _maps.concept_map(self, idx, method, relevance, category, k,
@@ -461,14 +510,20 @@ class Trace(Tap):
         return tuple(int(i) for i in word)
 
     def _relevance(self):
+        """The head ranking selective maps use: the one given, else the model's audit profile's (shipped beside it
+        or cached for its fingerprint), else its cached head-relevance matrix."""
         if self.relevance is not None:
             return self.relevance
+        from auditor.engine.models import fingerprint_of, folder_of
         from auditor.engine.relevance import find_for_pipe
+        from auditor.profile import find  # the profile is a domain record; only its ranking is read here
 
-        found = find_for_pipe(self.pipe)
+        fp = fingerprint_of(self.pipe)
+        stored = find(fp, folder_of(self.pipe))
+        found = stored[0].maps_source if stored is not None else find_for_pipe(self.pipe, fp)
         if found is None:
-            raise AuditorError("no head-relevance matrix for this model: pass relevance=..., or run "
-                               "`auditor calibrate` first (method='all_heads' needs none)")
+            raise AuditorError("no audit profile or head-relevance matrix for this model: pass relevance=..., or "
+                               "run `auditor calibrate` first (method='all_heads' needs none)")
         self.relevance = found
         return found
 

@@ -1,13 +1,17 @@
 """Head maps -> concept maps: aggregation by method, resizing to one grid, normalisation, and the mask policy.
 
-A word's map sums its sub-tokens' attention. Methods differ only in the weight each head gets (``head_weights``):
-- ``all_heads``: every head of every layer equally (the DAAM baseline);
+Methods:
+- ``all_heads``: the DAAM baseline, computed exactly as the daam package (castorini/daam 0.2.0) does by default
+  (``daam_map``): the down and up blocks' heads only (DAAM does not hook the mid block), each head's map of each
+  token upsampled bicubically to the latent grid and clamped at 0, the mean over those heads, a word = the mean of
+  its tokens' maps, then bicubic to the output grid;
 - ``selective``: the top-k heads of the word's category by relevance;
 - ``weighted``: every head weighted by its relevance to the category;
 - ``bottom_k``: the k least relevant heads (the control: selection should beat it).
-Bilinear resizing is linear, so each layer's heads are combined at the layer's own grid and only the combination
-is resized to the common grid (the image size by default). ``raw`` is the weighted mean over heads and counted
-steps, in attention-probability units; ``norm`` rescales it to [0, 1]. Binary masks come from ``binarize`` only.
+The relevance methods sum a word's sub-tokens and combine each layer's heads at the layer's own grid; bilinear
+resizing is linear, so only the combination is resized to the common grid (the image size by default). ``raw`` is
+in attention-probability units per counted step; ``norm`` rescales it to [0, 1]. Binary masks come from
+``binarize`` only.
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ MASK_POLICY = "otsu"  # the default everywhere a concept's region is needed
 MASK_QUANTILE = 0.8  # for the "quantile" policy: the top 20% of pixels
 
 
-def default_k() -> int:
-    """k for top-k / bottom-k when none is given: the calibrated diagnostics setting (one place for it)."""
-    from auditor.thresholds import load
-
-    return int(load().k)
+def k_of(ranking, category: str | None) -> int:
+    """The k a ranking calibrated for ``category``: its own per-category k (a localisation ranking) or the single
+    k its calibration converged at (an HRV matrix). There is no package-wide k."""
+    if hasattr(ranking, "k_for"):
+        return int(ranking.k_for(category))
+    return int(ranking.k)
 
 
 def head_weights(method: str, n_heads: int, relevance=None, category: str | None = None,
@@ -40,7 +45,9 @@ def head_weights(method: str, n_heads: int, relevance=None, category: str | None
     if method not in METHODS:
         raise AuditorError(f"unknown map method {method!r}; expected one of {', '.join(METHODS)}")
     if method == "all_heads":
-        return np.ones(n_heads, dtype=np.float32)
+        if head_names is None:
+            raise AuditorError("method 'all_heads' needs the head names (DAAM leaves the mid block out)")
+        return daam_weights(head_names)
     if relevance is None:
         raise AuditorError(f"method {method!r} needs a head-relevance matrix")
     if head_names is not None and tuple(relevance.head_names) != tuple(head_names):
@@ -51,7 +58,7 @@ def head_weights(method: str, n_heads: int, relevance=None, category: str | None
         if w.sum() <= 0:
             raise AuditorError(f"category {category!r} has no relevant heads in the relevance matrix")
         return w
-    k = default_k() if k is None else int(k)
+    k = k_of(relevance, category) if k is None else int(k)
     if not 1 <= k <= n_heads:
         raise AuditorError(f"k must be between 1 and the number of heads ({n_heads}), got {k}")
     chosen = relevance.top_heads(category, k) if method == "selective" else relevance.bottom_heads(category, k)
@@ -114,6 +121,116 @@ def aggregate(trace, token_indices: Sequence[int], weights: np.ndarray, item: in
     return out / float(wt.sum())
 
 
+# DAAM's locator hooks the cross-attention of the down and up blocks; the mid block only when heads are saved or
+# loaded, which its default trace does not do.
+DAAM_SKIPPED_STAGES = ("mid_block",)
+
+
+def daam_weights(head_names: Sequence[str]) -> np.ndarray:
+    """[H] 1 for every head DAAM aggregates by default, 0 for the others."""
+    return np.array([n.split(".", 1)[0] not in DAAM_SKIPPED_STAGES for n in head_names], dtype=np.float32)
+
+
+def _latent_grid(trace) -> tuple[int, int]:
+    return tuple(trace.latent_size) if trace.latent_size else target_size(trace, "latent")
+
+
+def latent_head_maps(trace, token_indices: Sequence[int], item: int = 0,
+                     heads: Sequence[int] | None = None) -> torch.Tensor:
+    """Each head's map of a word on the latent grid, built the way DAAM builds it.
+
+    Per token, the head's attention (mean over counted steps) is upsampled bicubically to the latent grid and
+    clamped at 0, as DAAM does before it averages; a word is the mean of its tokens' maps.
+
+    Args:
+        trace: a ``Trace`` holding the generation.
+        token_indices: the word's token indices in the text sequence.
+        item: which traced image (``Trace.item``).
+        heads: global head indices to build (default: every head); the result follows this order.
+
+    Returns:
+        ``[len(heads), h, w]`` float32 tensor on the trace's device.
+    """
+    if not token_indices:
+        raise AuditorError("no token indices to build a map from")
+    index = trace.head_index
+    wanted = np.arange(index.total) if heads is None else np.asarray(heads, dtype=np.int64)
+    latent = _latent_grid(trace)
+    cols = [trace.column(t) for t in token_indices]
+    steps = float(max(trace.steps_counted, 1))
+    parts, order = [], []
+    for li, name in enumerate(index.layers):
+        sl = index.layer_slice(li)
+        here = wanted[(wanted >= sl.start) & (wanted < sl.stop)]
+        if here.size == 0:
+            continue
+        buf = trace.buffers.get(name)
+        if buf is None:
+            raise AuditorError(f"layer {name} was not traced: no map for its heads")
+        h, w = trace.grids[name]
+        x = buf[item][torch.as_tensor(here - sl.start, device=buf.device)][..., cols].float() / steps
+        x = x.permute(0, 2, 1).reshape(len(here) * len(cols), 1, h, w)
+        up = F.interpolate(x, size=latent, mode="bicubic", align_corners=False).clamp_(min=0)
+        parts.append(up.reshape(len(here), len(cols), *latent).mean(1))
+        order.extend(here.tolist())
+    if not parts:
+        raise AuditorError("no head selected: nothing to aggregate")
+    maps = torch.cat(parts)
+    if heads is not None and order != wanted.tolist():
+        maps = maps[torch.as_tensor([order.index(h) for h in wanted.tolist()], device=maps.device)]
+    return maps
+
+
+def pooled_map(trace, token_indices: Sequence[int], weights: np.ndarray, item: int = 0, size="image") -> torch.Tensor:
+    """The weighted mean of the heads' latent maps (``latent_head_maps``), resized bicubically to ``size``.
+
+    With ``daam_weights`` this is DAAM's map of the word (``daam_map``); the other methods only choose other
+    weights, so every method shares DAAM's aggregation and differs in its heads alone.
+
+    Returns:
+        ``[h, w]`` float32 tensor, in attention per counted step, not normalised.
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    chosen = np.flatnonzero(w)
+    if chosen.size == 0:
+        raise AuditorError("every head has weight 0: nothing to aggregate")
+    maps = latent_head_maps(trace, token_indices, item, chosen)
+    wt = torch.as_tensor(w[chosen], device=maps.device)
+    word = (wt[:, None, None] * maps).sum(0) / wt.sum()
+    out = target_size(trace, size)
+    if tuple(out) != tuple(word.shape):
+        word = F.interpolate(word[None, None], size=tuple(out), mode="bicubic", align_corners=False)[0, 0]
+    return word
+
+
+def daam_map(trace, token_indices: Sequence[int], item: int = 0, size="image") -> torch.Tensor:
+    """A word's map as the daam package computes it by default, from a trace.
+
+    DAAM sums each (layer, head, token) map over the denoising steps, upsamples it bicubically to the latent grid and
+    clamps it at 0, averages over every hooked (layer, head), takes a word as the mean of its tokens' maps and
+    resizes that bicubically to the image (``expand_as``), where it min-max normalises (``ConceptMap.norm`` here).
+    The trace keeps the step sum, so the clamp acts on the summed map as DAAM's does; dividing by the counted steps
+    keeps ``raw`` in the units of the other methods and changes nothing after normalisation.
+
+    Args:
+        trace: a ``Trace`` holding the generation.
+        token_indices: the word's token indices in the text sequence.
+        item: which traced image (``Trace.item``).
+        size: the output grid: ``"image"``, ``"latent"`` or ``(h, w)``.
+
+    Returns:
+        ``[h, w]`` float32 tensor, not normalised.
+
+    Example:
+        >>> from auditor.engine.maps import daam_map, normalise
+        >>> heat = normalise(daam_map(tr, tr.token_indices("star")).cpu().numpy())  # doctest: +SKIP
+    """
+    w = daam_weights(trace.head_index.names)
+    if not w.any():
+        raise AuditorError("the trace holds no layer DAAM aggregates (no down- or up-block cross-attention)")
+    return pooled_map(trace, token_indices, w, item, size)
+
+
 def normalise(m: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]; a constant map becomes zeros (it localises nothing)."""
     m = np.asarray(m, dtype=np.float32)
@@ -131,7 +248,10 @@ def binarize(m: np.ndarray, policy: str = MASK_POLICY, quantile: float = MASK_QU
     if policy == "otsu":
         from skimage.filters import threshold_otsu
 
-        return m > threshold_otsu(m)
+        try:
+            return m > threshold_otsu(m)
+        except ValueError:  # a range too small for float32 to hold 256 bins: as flat as a constant map
+            return np.zeros(m.shape, dtype=bool)
     if policy == "quantile":
         return m >= np.quantile(m, quantile)
     raise AuditorError(f"unknown mask policy {policy!r}; expected one of {', '.join(MASK_POLICIES)}")
@@ -143,7 +263,7 @@ class ConceptMap:
 
     method: str
     token_indices: tuple[int, ...]
-    raw: np.ndarray  # [H, W] weighted mean attention (summed over tokens, mean over heads and counted steps)
+    raw: np.ndarray  # [H, W] attention per counted step (all_heads: DAAM's map; others: tokens summed, heads averaged)
     heads: np.ndarray  # global indices of heads with non-zero weight
     category: str | None = None
     k: int | None = None
@@ -176,11 +296,18 @@ def concept_map(trace, token_indices: Sequence[int], method: str = "selective", 
     """The map of a concept given by its token indices (as the concept extractor reports them)."""
     if method != "all_heads" and category is None:
         raise AuditorError(f"method {method!r} needs the concept's category")
-    if method != "all_heads" and relevance is not None and category not in relevance.categories:
+    if method != "all_heads" and relevance is not None and not relevance.ranks(category):
         raise AuditorError(f"category {category!r} is not in the relevance matrix")
-    k_used = None if method in ("all_heads", "weighted") else (default_k() if k is None else int(k))
+    if method in ("all_heads", "weighted"):
+        k_used = None
+    elif k is not None:
+        k_used = int(k)
+    elif relevance is None:
+        raise AuditorError(f"method {method!r} needs a head ranking")
+    else:
+        k_used = k_of(relevance, category)
     w = head_weights(method, trace.head_index.total, relevance, category, k_used, trace.head_names)
-    raw = aggregate(trace, token_indices, w, item, size).float().cpu().numpy()
+    raw = pooled_map(trace, token_indices, w, item, size).float().cpu().numpy()
     return ConceptMap(method, tuple(int(t) for t in token_indices), raw, np.flatnonzero(w), category, k_used)
 
 
@@ -238,7 +365,7 @@ def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relev
         shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
         extracted.refuse_if_truncated(f"prompt {shown!r}", pipe.tokenizer)
         found = list(extracted.items)
-    cats = relevance.categories if relevance is not None else None
+    cats = relevance.category_limit if relevance is not None else None
     out: list[ConceptMaps] = []
     if words:
         for w in words:

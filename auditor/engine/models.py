@@ -26,6 +26,8 @@ WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "float16", "bfloat16")
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# The model families those pipelines load, in words (CLI help, errors).
+FAMILIES = "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -45,6 +47,7 @@ class LoadedModel:
     fingerprint: str
     device: str
     dtype: str
+    variant: str | None = None  # the weight files' variant (model.fp16.safetensors: "fp16"); None: the plain files
 
     @property
     def kind(self) -> str:
@@ -52,7 +55,8 @@ class LoadedModel:
 
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "source": self.source, "fingerprint": self.fingerprint,
-                "pipeline": type(self.pipe).__name__, "device": self.device, "dtype": self.dtype}
+                "pipeline": type(self.pipe).__name__, "device": self.device, "dtype": self.dtype,
+                "variant": self.variant}
 
 
 # --- resolution -----------------------------------------------------------------------------------------------
@@ -113,6 +117,26 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
+def variant_of(path: Path) -> str | None:
+    """The variant a weight file belongs to: diffusers names them ``model.fp16.safetensors`` (sharded:
+    ``model.fp16-00001-of-00002.safetensors``); the plain files have none."""
+    parts = path.name[: -len(path.suffix)].split(".")
+    return parts[-1].split("-")[0] if len(parts) > 1 else None
+
+
+def check_variant(folder: Path, variant: str | None, spec: str) -> None:
+    """Refuse a variant the folder has no files of, and a plain load of a folder that holds only variants (SDXL
+    repositories often ship only fp16 files), naming the ``--variant`` that would load it."""
+    found = {variant_of(p) for p in weight_files(folder)}
+    named = sorted(v for v in found if v is not None)
+    if variant is not None and variant not in found:
+        have = f"it has {', '.join(named)}" if named else "it has only plain weight files"
+        raise AuditorError(f"--variant {variant}: no weight file of that variant in {folder} ({have})")
+    if variant is None and named and None not in found:
+        raise AuditorError(f"--model {spec}: {folder} holds only the {', '.join(named)} variant of its weights "
+                           f"(e.g. model.{named[0]}.safetensors): pass --variant {named[0]}")
+
+
 def check_weights(folder: Path, allow_pickle: bool = False) -> None:
     """Refuse pickle-only components (unless allowed) and safetensors files whose header does not hold together."""
     files = weight_files(folder)
@@ -158,8 +182,9 @@ def _file_sha256(path: Path, memo: dict) -> str:
     return memo[key]
 
 
-def fingerprint(folder: Path) -> str:
-    """sha256 over (relative path, content sha256) of every weight file, in path order."""
+def fingerprint(folder: Path, variant: str | None = None) -> str:
+    """sha256 over (relative path, content sha256) of every weight file, in path order, and the variant loaded
+    (one folder's fp16 and plain weights are two models; a plain load hashes exactly as before variants)."""
     folder = Path(folder)
     memo_file = cache_dir() / "file-hashes.json"
     try:
@@ -168,6 +193,8 @@ def fingerprint(folder: Path) -> str:
         memo = {}
     before = len(memo)
     h = hashlib.sha256()
+    if variant is not None:
+        h.update(f"variant\0{variant}\n".encode())
     files = weight_files(folder)
     if not files:
         raise AuditorError(f"{folder}: no weight files (.safetensors) to fingerprint")
@@ -237,7 +264,7 @@ def pipeline_class(folder: Path):
     except (OSError, ValueError, KeyError) as exc:
         raise AuditorError(f"{folder / 'model_index.json'}: unreadable ({exc})") from None
     if name not in PIPELINES:
-        raise AuditorError(f"{folder}: pipeline {name} is not supported (supported: {', '.join(PIPELINES)})")
+        raise AuditorError(f"{folder}: pipeline {name} is not supported (supported: {FAMILIES})")
     import diffusers
 
     return getattr(diffusers, name)
@@ -269,7 +296,8 @@ def _quiet_loading():
             tlog.enable_progress_bar()
 
 
-def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pickle: bool = False) -> LoadedModel:
+def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pickle: bool = False,
+               variant: str | None = None) -> LoadedModel:
     """Resolve, check and load ``spec`` (see the module docstring); every failure is a one-line AuditorError."""
     import torch
 
@@ -277,12 +305,15 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pi
         raise AuditorError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     folder, source = resolve(spec)
     check_weights(folder, allow_pickle)
+    check_variant(folder, variant, spec)
     cls = pipeline_class(folder)
     dev = pick_device(device)
-    fp = fingerprint(folder)
+    fp = fingerprint(folder, variant)
     # use_safetensors=True makes diffusers fail rather than fall back to a pickle; None lets it prefer safetensors.
     kwargs = dict(local_files_only=True, use_safetensors=None if allow_pickle else True)
     kwargs[_dtype_keyword()] = getattr(torch, dtype)
+    if variant is not None:
+        kwargs["variant"] = variant
     if cls.__name__ == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -299,4 +330,4 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pi
         torch.set_num_threads(1)
     _PIPE_FINGERPRINTS[pipe.unet] = fp
     _PIPE_FOLDERS[pipe.unet] = folder
-    return LoadedModel(spec, folder, source, pipe, fp, dev, dtype)
+    return LoadedModel(spec, folder, source, pipe, fp, dev, dtype, variant)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import time
 import weakref
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from auditor.errors import AuditorError
 
 ORIGINAL_BUDGET = {"prompts": 2100, "steps": 50}  # the HRV paper's calibration
 AGREEMENT = 0.9  # Jaccard of top-k head sets between budgets n/2 and n, for every category
+CONVERGENCE_K = 8  # the top-k whose agreement stops calibration unless the caller names one (recorded as ``k``)
 BUNDLED_FILE = "relevance.npz"
 FORMAT_VERSION = 1
 
@@ -77,6 +79,15 @@ class RelevanceMatrix:
             return self.categories.index(category)
         except ValueError:
             raise AuditorError(f"category {category!r} is not in the relevance matrix") from None
+
+    def ranks(self, category: str) -> bool:
+        """Whether the matrix ranks heads for ``category``."""
+        return category in self.categories
+
+    @property
+    def category_limit(self) -> tuple[str, ...]:
+        """The categories a word's category must be one of to get a selective map."""
+        return self.categories
 
     def row(self, category: str) -> np.ndarray:
         return self.matrix[self._cat(category)]
@@ -142,7 +153,7 @@ class RelevanceMatrix:
                      meta.get("agreement_curve", []), meta.get("model_fingerprint"), meta.get("k", 8),
                      meta.get("converged", False), meta.get("prompt_source", ""), meta.get("seed", 0),
                      meta.get("created", ""))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError) as exc:
             raise AuditorError(f"{npz}: unreadable relevance matrix ({exc})") from None
         if rm.matrix.shape != (len(rm.categories), len(rm.head_names)) or rm.votes.shape != rm.matrix.shape:
             raise AuditorError(f"{npz}: matrix shape {rm.matrix.shape} does not match its categories and heads")
@@ -283,15 +294,13 @@ def calibrate(pipe, prompts: Sequence[str], lexicon: Mapping[str, Sequence[str]]
               width: int | None = None, fingerprint: str | None = None, prompt_source: str = "",
               progress: Callable[[int], None] | None = None) -> RelevanceMatrix:
     """Calibrate head relevance on ``prompts`` (at most all of them), stopping once top-k heads agree."""
-    from auditor.engine.maps import default_k
-
     if not prompts:
         raise AuditorError("calibration needs at least one prompt")
     if lexicon is None:
         from auditor.lexicon import words_by_category
 
         lexicon = words_by_category()
-    k = default_k() if k is None else int(k)
+    k = CONVERGENCE_K if k is None else int(k)
     bank = ConceptBank(pipe, lexicon)
     voter = _Voter(pipe, bank, seed)
     if not 1 <= k <= voter.head_index.total:

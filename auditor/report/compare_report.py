@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from auditor.errors import AuditorError
-from auditor.report.figures import read_relevance, relevance_shift
+from auditor.report.figures import Relevance, read_relevance, relevance_shift
 from auditor.report.render import environment, page_args, write_pdf, write_text
 from auditor.store import RELEVANCE_NAME, RunStore, atomic_write, write_checksums
 from auditor.summary import concept_labels
@@ -25,9 +25,9 @@ def write_compare(comparison: dict, out_dir: str | Path, pdf: bool = True) -> li
         raise AuditorError(f"{out}: cannot create the compare folder ({exc.strerror or exc})") from None
     figure = None
     heads = comparison["heads"]
-    if heads["comparable"]:
-        a = read_relevance(Path(comparison["run_a"]["dir"]) / RELEVANCE_NAME)
-        b = read_relevance(Path(comparison["run_b"]["dir"]) / RELEVANCE_NAME)
+    if heads["comparable"] and heads["categories"]:
+        a = _shared(read_relevance(Path(comparison["run_a"]["dir"]) / RELEVANCE_NAME), heads["categories"])
+        b = _shared(read_relevance(Path(comparison["run_b"]["dir"]) / RELEVANCE_NAME), heads["categories"])
         figure = relevance_shift(a, b, heads["overlap"], heads["k"], out / "figures" / "heads.png").relative_to(out).as_posix()
     shown = evidence(comparison, out)
     ctx = {
@@ -49,6 +49,12 @@ def write_compare(comparison: dict, out_dir: str | Path, pdf: bool = True) -> li
     return written
 
 
+def _shared(rel: Relevance, categories: list[str]) -> Relevance:
+    """The matrix's rows of the categories both runs have, in one order: only those are compared head by head."""
+    rows = [rel.categories.index(c) for c in categories]
+    return Relevance(list(categories), rel.head_names, rel.matrix[rows])
+
+
 def evidence(comparison: dict, out: Path) -> list[dict]:
     """Per regressed concept (up to MAX_EVIDENCE), per seed: both runs' image, selective map and flags, copied into
     ``out/runs/{a,b}/`` so the report does not point into the run folders."""
@@ -57,7 +63,7 @@ def evidence(comparison: dict, out: Path) -> list[dict]:
         return []
     sides = {}
     for side in ("a", "b"):
-        with RunStore.open(comparison[f"run_{side}"]["dir"]) as store:
+        with RunStore.open(comparison[f"run_{side}"]["dir"], readonly=True) as store:
             sides[side] = (store.dir, {(g["prompt_id"], g["seed"]): g for g in store.generations()})
     shown = []
     for r in wanted:

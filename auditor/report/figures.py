@@ -3,6 +3,7 @@ relevance shift between two runs of one architecture."""
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def read_relevance(path: Path) -> Relevance | None:
         with np.load(path, allow_pickle=False) as z:
             rel = Relevance([str(c) for c in z["categories"]], [str(h) for h in z["head_names"]],
                             np.asarray(z["matrix"], dtype=np.float64))
-    except (OSError, KeyError, ValueError) as exc:
+    except (EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
         raise AuditorError(f"{path}: unreadable relevance matrix ({exc})") from None
     if rel.matrix.shape != (len(rel.categories), len(rel.head_names)):
         raise AuditorError(f"{path}: matrix shape {rel.matrix.shape} does not match its categories and heads")

@@ -137,13 +137,18 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def write_pdf(html: str, base_dir: Path, path: Path) -> Path:
-    """Lay the HTML out for print and write it atomically (a reader never sees half a PDF)."""
+def pdf_bytes(html: str, base_dir: Path) -> bytes:
+    """Lay the HTML out for print."""
     from weasyprint import HTML
 
+    return HTML(string=html, base_url=str(base_dir)).write_pdf(**PDF_OPTIONS)
+
+
+def write_pdf(html: str, base_dir: Path, path: Path) -> Path:
+    """Lay the HTML out for print and write it atomically (a reader never sees half a PDF)."""
     from auditor.store import atomic_write
 
-    atomic_write(path, HTML(string=html, base_url=str(base_dir)).write_pdf(**PDF_OPTIONS))
+    atomic_write(path, pdf_bytes(html, base_dir))
     return path
 
 
@@ -155,7 +160,8 @@ def build_context(store: RunStore) -> dict:
     m = store.manifest
     summary = store.summary()
     rel = read_relevance(store.dir / RELEVANCE_NAME)
-    k = int((m.get("method") or {}).get("k") or (m.get("thresholds") or {}).get("k") or 8)
+    prof = m.get("profile") or {}
+    k = (m.get("method") or {}).get("k") or prof.get("response_k") or (m.get("thresholds") or {}).get("k")
     figures = {}
     if rel is not None:
         figures["relevance"] = _rel(relevance_heatmap(rel, store.dir / "figures" / "relevance.png"), store.dir)
@@ -175,10 +181,34 @@ def build_context(store: RunStore) -> dict:
         "flag_meanings": FLAG_MEANINGS,
         "methods": MAP_METHODS,
         "thresholds": m.get("thresholds") or {},
+        "profile": profile_view(m),
         "threshold_meanings": THRESHOLD_MEANINGS,
         "k": k,
         "rendered": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def profile_view(m: dict) -> dict:
+    """How the run's audit profile chose heads, k and thresholds, in words (runs before profiles: their settings)."""
+    prof = m.get("profile") or {}
+    prov = prof.get("provenance") or {}
+    ranking = prov.get("ranking")
+    ranking_text = (ranking.get("how") if isinstance(ranking, dict) else ranking) or "HRV category votes"
+    ks = prof.get("k_per_category") or {}
+    forced = (m.get("method") or {}).get("k")
+    k_text = (f"--k {forced} for every category" if forced else
+              ", ".join(f"{c if c != '*' else 'any other'} {k}" for c, k in ks.items()) or
+              f"{(m.get('thresholds') or {}).get('k', '—')} for every category")
+    th = prov.get("thresholds")
+    if isinstance(th, dict):
+        th_text = th.get("how") or "calibrated"
+        if th.get("inherited_from"):
+            th_text = f"inherited from {th['inherited_from']} ({th.get('why', '')}): {th_text}"
+    else:
+        th_text = th or ("set on the bundled shapes-world reference model: each at a low quantile of its score over "
+                         "concepts an oracle confirmed drawn as asked")
+    return {"sha256": prof.get("sha256") or "—", "ranking_text": ranking_text, "k_text": k_text,
+            "thresholds_text": th_text}
 
 
 def run_facts(m: dict, summary: dict) -> dict:
@@ -192,6 +222,8 @@ def run_facts(m: dict, summary: dict) -> dict:
         "end": m.get("end_time") or "not finished", "seeds": ", ".join(map(str, seeds)) or "—",
         "steps": m.get("steps", "—"), "guidance": m.get("guidance", "—"),
         "partial": bool(summary.get("partial")), "expected": expected or "?",
+        "uncalibrated": m.get("calibrated") is False,
+        "forced": [f for f in m.get("forced") or [] if isinstance(f, dict)],
         "tool_version": (m.get("tool") or {}).get("version") or "",
     }
 
@@ -301,11 +333,14 @@ def render(run_dir: str | Path, *, html: bool = True, pdf: bool = True, store: R
     try:
         ctx = build_context(store)
         template = environment().get_template("report.html.j2")
+        for rel in ctx["figures"].values():
+            store.record_file(rel)
         out = []
         if html:
-            out.append(write_text(store.dir / HTML_NAME, template.render(**ctx, **page_args(store.dir, False))))
+            out.append(store.write_artifact(HTML_NAME, template.render(**ctx, **page_args(store.dir, False)).encode("utf-8")))
         if pdf:
-            out.append(write_pdf(template.render(**ctx, **page_args(store.dir, True)), store.dir, store.dir / PDF_NAME))
+            out.append(store.write_artifact(PDF_NAME, pdf_bytes(template.render(**ctx, **page_args(store.dir, True)),
+                                                                store.dir)))
         return out
     finally:
         if own:
@@ -329,9 +364,25 @@ def pdf_document(run_dir: str | Path):
         return HTML(string=html, base_url=str(store.dir)).render(**PDF_OPTIONS)
 
 
-def publish(run_dir: str | Path, pdf: bool = True) -> list[Path]:
-    """Everything a finished (or interrupted) run hands over: results.json, the reports, then checksums last."""
+def publish(run_dir: str | Path, pdf: bool = True, force: bool = False, command_line: list[str] | None = None,
+            notes: list[str] | None = None) -> list[Path]:
+    """Everything a finished (or interrupted) run hands over: results.json, the reports, then checksums last.
+
+    The folder is verified against its records first. Altered or missing evidence (images, maps, the relevance
+    matrix) is refused, naming the file, unless ``force``; then the manifest records the forced re-render and what
+    differed, and the report's first page says so. The altered files keep their recorded sha256, so ``verify`` and
+    ``sha256sum -c`` still fail on them. Files the re-render writes afresh (results.json, the reports, figures) are
+    remade whatever they hold; each that differed from its record is appended to ``notes``."""
     with RunStore.open(run_dir) as store:
+        problems = store.verify()
+        evidence = store.evidence_problems(problems)
+        if evidence and not force:
+            raise store.integrity_error(evidence, "re-render it anyway with `auditor report --force`, which puts "
+                                                  "that on the record")
+        if evidence:
+            store.mark_forced("report", evidence, command_line)
+        if notes is not None:
+            notes += [f"{p}; written afresh from the store" for p in problems if p not in evidence]
         written = [store.export_results(), *render(store.dir, pdf=pdf, store=store)]
         written.append(store.write_checksums())
     return written

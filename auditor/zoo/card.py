@@ -75,6 +75,22 @@ def _scheduler(folder: Path) -> str:
             f"{cfg.get('timestep_spacing', 'leading')} spacing")
 
 
+def _weights(folder: Path) -> str:
+    """How the weights are stored and in which dtype a plain ``from_pretrained(path)`` loads the text encoder (the
+    diffusers components load as float32 unless asked otherwise; transformers follows the config's ``dtype``)."""
+    from safetensors import safe_open
+
+    stored = set()
+    for path in sorted(folder.glob("*/*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            stored |= {str(f.get_slice(k).get_dtype()).lower() for k in f.keys()}
+    cfg = folder / "text_encoder" / "config.json"
+    text_dtype = json.loads(cfg.read_text()).get("dtype", "float32") if cfg.is_file() else "float32"
+    names = {"f16": "float16", "f32": "float32", "bf16": "bfloat16"}
+    return (f"safetensors, stored {'/'.join(sorted(names.get(d, d) for d in stored))}; from_pretrained(path) loads "
+            f"the text encoder as {text_dtype}, the UNet and VAE as float32")
+
+
 def _heads(folder: Path) -> str:
     """Cross-attention layers and heads, counted from the head names the relevance matrix was calibrated over."""
     from auditor.engine.heads import HeadIndex
@@ -98,7 +114,8 @@ def card_for(folder: Path, quality: dict | None) -> dict:
                          "text_encoder": ("CLIPTextModel (causal), 3 layers, width 64, CLIP BPE vocabulary 49,408, "
                                           f"context {arch.CONTEXT_LENGTH} tokens"),
                          "cross_attention": f"{_heads(folder)}, latent 16x16 and 8x8 (and mid block)",
-                         "scheduler": _scheduler(folder), "weights": "safetensors, fp16",
+                         "scheduler": _scheduler(folder),
+                         "weights": _weights(folder),
                          "weights_mb": _size_mb(folder)},
         "training": {**training, "command": _command(training, version)},
         "notes": NOTES.get(version),
@@ -106,12 +123,26 @@ def card_for(folder: Path, quality: dict | None) -> dict:
         "planted_defects": DEFECTS if version == "v2" else {},
         "relevance": (json.loads((folder / "relevance.json").read_text()).get("sha256")
                       if (folder / "relevance.json").is_file() else None),
+        "audit_profile": _profile(folder),
     }
     if quality and folder.name in quality:
         card["quality"] = {**quality[folder.name], "measured": quality.get("date"), "machine": quality.get("machine"),
                            "command": quality.get("command", "python bench/zoo_quality.py")}
         card["oracle_on_rendered"] = quality.get("oracle_on_rendered")
     return card
+
+
+def _profile(folder: Path) -> dict | None:
+    """The shipped audit profile in brief: what selective maps use and where the thresholds came from."""
+    path = folder / "profile.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    th = (d.get("provenance") or {}).get("thresholds")
+    return {"sha256": d.get("sha256"), "maps_ranking": d.get("maps_ranking"), "k_per_category": d.get("k_per_category"),
+            "response_k": d.get("response_k"), "calibrated": d.get("thresholds") is not None,
+            "thresholds_from": (f"inherited from {th['inherited_from']}" if isinstance(th, dict) and th.get("inherited_from")
+                                else (th.get("command") if isinstance(th, dict) else th))}
 
 
 def readme(card: dict) -> str:
@@ -136,6 +167,14 @@ def readme(card: dict) -> str:
         lines += ["", card["notes"]]
     lines += ["", "## Held-out compositions (never rendered for training; every benchmark uses them)", "",
               ", ".join(card["held_out_compositions"])]
+    prof = card.get("audit_profile")
+    if prof:
+        ks = ", ".join(f"{c if c != '*' else 'other categories'} {k}" for c, k in (prof["k_per_category"] or {}).items())
+        lines += ["", "## Audit profile", "", f"`profile.json` (sha256 {str(prof['sha256'])[:16]}): selective maps use "
+                  f"the {prof['maps_ranking']} head ranking with k per category ({ks}); the category response uses "
+                  f"the HRV matrix's top {prof['response_k']} heads; thresholds: "
+                  f"{prof['thresholds_from'] if prof['calibrated'] else 'none (uncalibrated)'}. How each part was "
+                  "made: `auditor/zoo/profiles.py`."]
     if card["planted_defects"]:
         lines += ["", "## Planted defects", ""] + [f"- `{k}`: {v}" for k, v in card["planted_defects"].items()]
     q = card.get("quality")

@@ -258,7 +258,13 @@ def export(out: Path, vae, text, unet, card: dict, schedule=None) -> None:
     pipe.save_pretrained(tmp, safe_serialization=True)
     for cfg in tmp.glob("*/config.json"):  # a component loaded from disk remembers this machine's path: drop it
         data = json.loads(cfg.read_text())
-        if data.pop("_name_or_path", None) is not None:
+        # transformers loads a model in the dtype its config names, diffusers in float32: a float16 text encoder
+        # feeding a float32 UNet fails in plain from_pretrained(path), so the config names float32 (the file keeps
+        # float16 weights, and the fingerprint only hashes weight files)
+        named_half = data.get("dtype") == "float16"
+        if named_half:
+            data["dtype"] = "float32"
+        if data.pop("_name_or_path", None) is not None or named_half:
             cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (tmp / "training.json").write_text(json.dumps(card, indent=2))
     if out.exists():

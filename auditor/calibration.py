@@ -1,0 +1,231 @@
+"""Calibrating a model's audit profile: head relevance, the localisation ranking and the diagnostic thresholds.
+
+``calibrate_profile`` runs three stages on prompts of the caller's choosing (general prompts by default):
+1. **HRV relevance** (``engine.relevance.calibrate``): which heads respond to which category, for the category
+   response;
+2. **localisation ranking** (``engine.localise.calibrate_localisation``): which heads' maps of a word are peaked,
+   and k per category;
+3. **thresholds** from the model's own generations, no ground truth: audit-style generations of the threshold
+   prompts are scored with the new ranking; each score's cut sits at the same quantile ``q`` of its distribution
+   over the concepts its rule judges, ``q`` the largest for which at most ``flag_budget`` of those concepts get
+   any flag. The budget is explicit because nothing here can tell a model's real failures from false flags: with
+   a budget b, at most a share b of the calibration concepts is flagged, whatever the model's true failure rate.
+
+``fit_thresholds`` is the quantile rule itself; ``bench/diagnostics.py tune`` applies it to the concepts the
+shapes-world oracle confirms drawn as asked, which is how the bundled models' thresholds were set.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from auditor.engine.localise import WordTarget
+from auditor.errors import AuditorError
+from auditor.thresholds import Thresholds
+
+FIT_ROLES = ("object", "attribute")  # roles whose words occupy a region: the localisation ranking's words
+
+
+def word_targets(prompts: Sequence[str], tokenizer) -> list[list[WordTarget]]:
+    """The words of each prompt the localisation ranking scores: objects and their attributes with a lexicon
+    category and token indices, not negated, not describing the background (a background's map is spread by
+    nature, so it says nothing about whether a head localises)."""
+    from auditor.concepts import extract_many
+
+    out = []
+    for ex in extract_many(list(prompts), tokenizer=tokenizer):
+        background = {c.id for c in ex.items if c.role == "background"}
+        out.append([WordTarget(c.category, tuple(c.token_indices)) for c in ex.items
+                    if c.role in FIT_ROLES and c.category != "unknown" and c.token_indices and not c.negated
+                    and c.binds_to not in background])
+    return out
+
+
+def _population(generations: Sequence[Sequence[dict]], select) -> list[tuple[int, int]]:
+    return [(g, i) for g, recs in enumerate(generations)
+            for i in (range(len(recs)) if select is None else select(g))]
+
+
+def thresholds_at(generations: Sequence[Sequence[dict]], q: float, max_flag_rate: float,
+                  select: Callable[[int], Sequence[int]] | None = None) -> Thresholds:
+    """Every score's cut at the ``q`` (low is bad) or ``1 - q`` (high is bad) quantile of its values over the
+    population's concepts its rule judges; None where no such concept has the score."""
+    from auditor.diagnostics import SCORE_DIRECTIONS, judges
+
+    pop = _population(generations, select)
+    vals: dict[str, float | None] = {}
+    for name, (score, direction, role) in SCORE_DIRECTIONS.items():
+        xs = []
+        for g, i in pop:
+            c = generations[g][i]
+            s = c.get("scores") or {}
+            if s.get(score) is not None and (role is None or c["role"] == role) and judges(name, s):
+                xs.append(float(s[score]))
+        vals[name] = _cut(np.asarray(xs), q, direction) if xs else None
+    return Thresholds(**vals, max_flag_rate=float(max_flag_rate))
+
+
+def _cut(xs: np.ndarray, q: float, direction: str) -> float:
+    """The q quantile on the bad side; a cut that would fall inside a repeated extreme value held by a minority (a
+    colour share of exactly 0: none of the colour anywhere) moves just past it, so the rule flags that value rather
+    than nothing. Tied values can only be flagged whole; a value most concepts share discriminates nothing."""
+    if direction == "low":
+        cut, extreme, inward = float(np.quantile(xs, q)), float(xs.min()), np.inf
+    else:
+        cut, extreme, inward = float(np.quantile(xs, 1 - q)), float(xs.max()), -np.inf
+    tied = int((xs == extreme).sum())
+    if q > 0 and cut == extreme and 1 < tied < len(xs) / 2:
+        return float(np.nextafter(extreme, inward))
+    return cut
+
+
+def flag_rate(generations: Sequence[Sequence[dict]], th: Thresholds,
+              select: Callable[[int], Sequence[int]] | None = None) -> tuple[int, int, dict[str, int]]:
+    """(flagged concepts, concepts, flags per type) over the population, judged from the stored scores."""
+    from auditor.diagnostics import flags_from_records
+
+    k = n = 0
+    by_type: dict[str, int] = {}
+    for g, recs in enumerate(generations):
+        flags = flags_from_records(list(recs), th)
+        for i in (range(len(recs)) if select is None else select(g)):
+            types = {f.type for f in flags if f.concept == i}
+            n += 1
+            k += bool(types)
+            for t in types:
+                by_type[t] = by_type.get(t, 0) + 1
+    return k, n, by_type
+
+
+_SAME = object()
+
+
+def fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, max_flag_rate: float,
+                   select: Callable[[int], Sequence[int]] | None = None, budget_select=_SAME, iterations: int = 30
+                   ) -> tuple[Thresholds, float, dict]:
+    """The quantile rule: the largest common ``q`` (bisection in [0, 0.25]) whose thresholds flag at most
+    ``budget`` of the population's concepts.
+
+    Args:
+        generations: each generation's concept records (``role``, ``scores``, and what ``flags_from_records``
+            reads).
+        budget: the largest share of the population's concepts that may get a flag.
+        max_flag_rate: the across-seeds rule's value, recorded with the thresholds.
+        select: the population the quantiles are taken over: ``select(g)`` gives the concept indices of
+            generation ``g`` (default: all).
+        budget_select: the population whose flag rate the budget bounds (default: ``select``'s; None: all).
+
+    Returns:
+        (thresholds, q, {"flagged", "concepts", "rate", "by_type"}).
+    """
+    if not 0.0 < budget < 1.0:
+        raise AuditorError(f"flag budget {budget}: must be between 0 and 1")
+    if not _population(generations, select):
+        raise AuditorError("no calibration concept to set thresholds on")
+    over = select if budget_select is _SAME else budget_select
+    lo, hi = 0.0, 0.25
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        k, n, _ = flag_rate(generations, thresholds_at(generations, mid, max_flag_rate, select), over)
+        if k / n > budget:
+            hi = mid
+        else:
+            lo = mid
+    th = thresholds_at(generations, lo, max_flag_rate, select)
+    k, n, by_type = flag_rate(generations, th, over)
+    return th, lo, {"flagged": k, "concepts": n, "rate": k / n, "by_type": by_type}
+
+
+def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget: int, threshold_prompts: int,
+                      flag_budget: float, max_flag_rate: float, steps: int = 20, guidance: float = 7.5,
+                      seed: int = 0, lexicon=None, progress: Callable[[str, int, int], None] | None = None):
+    """A complete audit profile for the loaded model ``lm`` (``engine.models.LoadedModel``).
+
+    Args:
+        lm: the loaded model (its pipeline and fingerprint).
+        prompts: calibration prompts (cycled up to ``budget``; each pass gets new noise).
+        prompt_source: where they came from, recorded in the profile.
+        budget: at most this many prompts for each ranking (each stops once its top heads agree).
+        threshold_prompts: prompts generated (as images) to set the thresholds on; 0 leaves the profile
+            uncalibrated.
+        flag_budget: the largest share of the threshold prompts' concepts that may be flagged.
+        max_flag_rate: the across-seeds rule's value.
+        steps, guidance, seed: generation settings (prompt i uses seed ``seed + i``).
+        lexicon: {category: words} for HRV concept keys (default: the package lexicon).
+        progress: ``progress(stage, done, total)``.
+
+    Returns:
+        ``auditor.profile.AuditProfile``.
+
+    Example:
+        >>> from auditor.calibration import calibrate_profile
+        >>> prof = calibrate_profile(lm, ["a red circle"], "example", budget=16, threshold_prompts=0,
+        ...                          flag_budget=0.05, max_flag_rate=0.5)  # doctest: +SKIP
+    """
+    from auditor import __version__
+    from auditor.engine.localise import calibrate_localisation
+    from auditor.engine.relevance import calibrate
+    from auditor.manifest import manifest_base
+    from auditor.profile import AuditProfile
+
+    if not prompts:
+        raise AuditorError("calibration needs at least one prompt")
+    if budget < 1 or threshold_prompts < 0:
+        raise AuditorError("calibration budget must be at least 1 prompt; threshold prompts at least 0")
+    pipe = lm.pipe
+    cycled = [prompts[i % len(prompts)] for i in range(budget)]
+    tick = (lambda stage: (lambda n: progress(stage, n, budget))) if progress else (lambda stage: None)
+    gen = {"steps": steps, "guidance": guidance, "seed": seed}
+    rm = calibrate(pipe, cycled, lexicon, steps=steps, guidance_scale=guidance, seed=seed,
+                   fingerprint=lm.fingerprint, prompt_source=prompt_source, progress=tick("relevance"))
+    hr = calibrate_localisation(pipe, cycled, word_targets(cycled, pipe.tokenizer), steps=steps,
+                                guidance_scale=guidance, seed=seed, fingerprint=lm.fingerprint,
+                                prompt_source=prompt_source, progress=tick("ranking"))
+    tool = manifest_base([]).get("tool")
+    provenance = {
+        "tool": tool, "model_fingerprint": lm.fingerprint, "date": time.strftime("%Y-%m-%d"),
+        "relevance": {"how": "HRV category votes (auditor.engine.relevance.calibrate)", "prompts": prompt_source,
+                      "budget_prompts": rm.budget_prompts, "converged": rm.converged, **gen},
+        "ranking": {"how": "localisation: mean concentration of each head's map of a word, k per category by "
+                           "split-half stability (auditor.engine.localise)", "prompts": prompt_source,
+                    "budget_prompts": hr.budget_prompts, "converged": hr.converged, **gen},
+        "response_k": "the k at which the HRV calibration's top heads were compared for convergence",
+        "image_checks": "every check on; each stays silent on images it cannot read (auditor.pixels)",
+    }
+    prof = AuditProfile(lm.fingerprint, rm, hr, "localisation", int(rm.k), None, provenance=provenance)
+    if threshold_prompts:
+        th, q, achieved = self_calibrated_thresholds(lm, prof, [prompts[i % len(prompts)] for i in
+                                                                range(threshold_prompts)],
+                                                     flag_budget, max_flag_rate, steps, guidance, seed, progress)
+        prof.thresholds = th
+        prof.provenance["thresholds"] = {
+            "how": "self-calibrated: each score's cut at the q / (1 - q) quantile over every concept of the "
+                   "threshold prompts' generations its rule judges, q the largest flagging at most the budget "
+                   "(auditor.calibration.fit_thresholds); no ground truth",
+            "prompts": prompt_source, "generations": threshold_prompts, "flag_budget": flag_budget, "q": round(q, 5),
+            "achieved": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in achieved.items()},
+            "version": __version__, **gen}
+    else:
+        prof.provenance["thresholds"] = "none: uncalibrated (no threshold prompts)"
+    return prof
+
+
+def self_calibrated_thresholds(lm, profile, prompts: Sequence[str], flag_budget: float, max_flag_rate: float,
+                               steps: int, guidance: float, seed: int, progress=None):
+    """Generate each prompt as an audit does, score its concepts with ``profile``, fit thresholds to the budget."""
+    from auditor.concepts import extract_many
+    from auditor.runs import generate_one, generation_record
+
+    records = []
+    extracted = extract_many(list(prompts), tokenizer=lm.pipe.tokenizer)
+    for i, (p, cs) in enumerate(zip(prompts, extracted)):
+        image, tr = generate_one(lm.pipe, p, seed + i, steps, guidance, None)
+        recs, _, _ = generation_record(tr, cs, profile, image)
+        del tr
+        records.append(recs)
+        if progress:
+            progress("thresholds", 1, len(prompts))
+    return fit_thresholds(records, flag_budget, max_flag_rate)
