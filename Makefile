@@ -28,7 +28,7 @@ test: $(STAMP)
 audit: $(STAMP)
 	$(VENV)/bin/auditor audit prompt_suites/shapes-default.yaml
 
-# Selective vs all-heads mIoU, misinterpretation, calibration budget, capture overhead and audit wall time on the
+# Selective vs DAAM mIoU, label-free head rankings, misinterpretation, calibration budget, capture overhead and audit wall time on the
 # bundled shapes-v1 (fixed seeds; about 30 minutes on the project's idle 2-core CPU), then bench/report.py rewrites
 # its sections of docs/benchmarks.md and the figures in docs/figures/.
 # BENCH_THREADS=1 when something else uses the other core (two torch threads on a busy core spin-wait).
@@ -36,6 +36,7 @@ BENCH_THREADS ?= 2
 bench: $(STAMP)
 	@mkdir -p work_bench && date +%s > work_bench/bench_started
 	$(VENV)/bin/python bench/miou.py --fresh --threads $(BENCH_THREADS)
+	$(VENV)/bin/python bench/head_ranking.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/misinterpretation.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/calibration.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/capture_overhead.py

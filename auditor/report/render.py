@@ -196,8 +196,9 @@ def profile_view(m: dict) -> dict:
     ranking_text = (ranking.get("how") if isinstance(ranking, dict) else ranking) or "HRV category votes"
     ks = prof.get("k_per_category") or {}
     forced = (m.get("method") or {}).get("k")
+    named = [(c, k) for c, k in ks.items() if c != "*"] + [(c, k) for c, k in ks.items() if c == "*"]
     k_text = (f"--k {forced} for every category" if forced else
-              ", ".join(f"{c if c != '*' else 'any other'} {k}" for c, k in ks.items()) or
+              ", ".join(f"{c if c != '*' else 'any other'} {k}" for c, k in named) or
               f"{(m.get('thresholds') or {}).get('k', '—')} for every category")
     th = prov.get("thresholds")
     if isinstance(th, dict):
