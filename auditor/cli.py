@@ -138,7 +138,8 @@ def maps_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Generate one image and write each concept's attention map over it (methods side by side with --method all)."""
-    from auditor.engine.maps import METHODS, prompt_maps, save_prompt_maps
+    from auditor.engine.maps import METHODS
+    from auditor.prompt_maps import prompt_maps, save_prompt_maps
     from auditor.engine.models import load_model
     from auditor.profile import profile_for
     from auditor.runs import check_generation_values, check_image_size, check_steps

@@ -405,7 +405,7 @@ def _finished_generations_kept(run_dir: Path):
 
 
 def _overlays(image, norms: dict, concepts: list[dict]) -> dict:
-    from auditor.engine.maps import overlay
+    from auditor.prompt_maps import overlay
 
     return {key: overlay(image, m, alpha=0.55) for key, m in norms.items()}
 

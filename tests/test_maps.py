@@ -138,10 +138,12 @@ def test_category_response_ranks_candidate_readings(traced):
 def test_prompt_maps_writes_image_and_side_by_side_overlays(tmp_path, traced):
     pipe = tp.sd15()
     rm = _relevance(traced)
-    res = M.prompt_maps(pipe, "a red cat", words=["cat", "red"], methods=list(M.METHODS), k=8, steps=2,
+    from auditor.prompt_maps import prompt_maps, save_prompt_maps
+
+    res = prompt_maps(pipe, "a red cat", words=["cat", "red"], methods=list(M.METHODS), k=8, steps=2,
                         relevance=rm, height=64, width=64)
     assert [c.category for c in res.concepts] == ["animal", "colour"]
-    rec = M.save_prompt_maps(res, tmp_path)
+    rec = save_prompt_maps(res, tmp_path)
     from PIL import Image
 
     assert Image.open(tmp_path / "image.png").size == (64, 64)

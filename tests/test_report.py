@@ -313,7 +313,7 @@ def _wide_run(run_dir: Path, height: int = 32, width: int = 64) -> Path:
     import numpy as np
     from PIL import Image
 
-    from auditor.engine.maps import overlay
+    from auditor.prompt_maps import overlay
     from auditor.store import RunStore, manifest_base
     from auditor.summary import summarise
 
