@@ -43,11 +43,15 @@ def machine() -> dict:
 
 
 def git_commit() -> str | None:
+    """The short commit, with "+changes" when the working tree differs from it (figures made before committing)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return f"{head}+changes" if head and dirty else head
 
 
 def command() -> str:
