@@ -38,6 +38,7 @@ from auditor import lexicon
 from auditor.align import align_spans
 
 ROLE_ORDER = ("object", "background", "attribute", "count", "position", "relation", "style")
+VISIBLE_ROLES = ("object", "background", "attribute", "style")  # roles whose words name something visible: mapped
 _NOUNS = ("NOUN", "PROPN")
 _LINKS = ("and", "or", ",", "&")
 _SINGULAR_DETS = ("a", "an", "one", "the", "this", "that", "each", "every")

@@ -112,13 +112,10 @@ class AuditProfile:
 
     def k_for(self, category: str) -> int:
         """k of the selective map of ``category``."""
-        if self.maps_ranking == "localisation":
-            return self.ranking.k_for(category)
-        return self.response_k
+        return self.maps_source.k_for(category)
 
     def k_per_category(self) -> dict[str, int]:
-        cats = self.ranking.categories if self.maps_ranking == "localisation" else self.relevance.categories
-        return {c: self.k_for(c) for c in cats}
+        return {c: self.k_for(c) for c in self.maps_source.categories}
 
     def check(self, fingerprint: str | None, head_names, source: str) -> "AuditProfile":
         """Refuse a profile made for another model (fingerprint) or another architecture (heads)."""

@@ -15,13 +15,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from auditor.align import word_indices
-from auditor.concepts import extract
+from auditor.concepts import VISIBLE_ROLES, extract
 from auditor.engine.capture import trace
 from auditor.engine.maps import METHODS, ConceptMap, concept_map
 from auditor.engine.relevance import category_of
 from auditor.errors import AuditorError
 
-MAP_ROLES = ("object", "background", "attribute", "style")  # concept roles that name something visible
 
 
 @dataclass
@@ -67,7 +66,7 @@ def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relev
                 out.append(ConceptMaps(w, guess.category, "inferred" if guess.inferred else "lexicon", idx))
         return out
     for c in found:
-        if c.role in MAP_ROLES and c.category != "unknown" and c.token_indices:
+        if c.role in VISIBLE_ROLES and c.category != "unknown" and c.token_indices:
             if cats is not None and c.category not in cats:
                 continue
             out.append(ConceptMaps(c.text, c.category, c.category_source, tuple(c.token_indices)))

@@ -22,7 +22,6 @@ import torch
 from auditor.errors import AuditorError, GateFailure
 
 FAIL_ON = ("missing", "misplaced", "misinterpreted", "any")
-MAPPED_ROLES = ("object", "background", "attribute", "style")  # roles whose words name something visible
 SHOWN_METHODS = ("selective", "all_heads")  # stored per concept; the report shows them side by side
 _SIDE_WORDS = ("left", "right", "top", "bottom")
 
@@ -70,11 +69,6 @@ class AuditResult:
 # --- per generation ---------------------------------------------------------------------------------------------
 
 
-def usable_categories(relevance) -> set[str]:
-    """Categories whose heads calibration found (a category with no votes has no top heads)."""
-    return {c for c, v in zip(relevance.categories, relevance.votes) if int(np.asarray(v).sum()) > 0}
-
-
 def candidate_categories(concept, usable: set[str]) -> list[str]:
     """The categories a word can belong to (by the lexicon, any role), among those the model has heads for."""
     from auditor.lexicon import lookup
@@ -91,7 +85,9 @@ def side_of(position_text: str) -> str | None:
 
 def scored_concepts(concepts) -> list:
     """The concepts that get maps and verdicts: visible roles with tokens inside the model's window."""
-    return [c for c in concepts.items if c.role in MAPPED_ROLES and c.token_indices and not c.negated]
+    from auditor.concepts import VISIBLE_ROLES
+
+    return [c for c in concepts.items if c.role in VISIBLE_ROLES and c.token_indices and not c.negated]
 
 
 def generation_record(tr, concepts, profile, image=None, k: int | None = None) -> tuple[list[dict], dict, dict]:
@@ -109,18 +105,15 @@ def generation_record(tr, concepts, profile, image=None, k: int | None = None) -
 
     relevance = profile.relevance
     ranking = profile.maps_source
-    usable = usable_categories(relevance)
+    usable = {c for c in relevance.categories if relevance.ranks(c)}  # categories the category response can read
     chosen = scored_concepts(concepts)
     index = {c.id: i for i, c in enumerate(chosen)}
     records, raw_maps, norms, views = [], {}, {}, []
     for i, c in enumerate(chosen):
-        method = "selective" if ranking.ranks(c.category) and (ranking is not relevance or c.category in usable) \
-            else "all_heads"
+        method = "selective" if ranking.ranks(c.category) else "all_heads"
         maps = {"selective": None, "all_heads": concept_map(tr, c.token_indices, "all_heads")}
-        k_c = None
         if method == "selective":
-            k_c = int(k) if k is not None else profile.k_for(c.category)
-            maps["selective"] = concept_map(tr, c.token_indices, "selective", ranking, c.category, k_c)
+            maps["selective"] = concept_map(tr, c.token_indices, "selective", ranking, c.category, k)
         primary = maps[method]
         view = ConceptView(index=i, text=c.text, role=c.role, category=c.category, raw=primary.raw,
                            binds_to=index.get(c.binds_to) if c.role == "attribute" else None)
@@ -132,8 +125,8 @@ def generation_record(tr, concepts, profile, image=None, k: int | None = None) -
         rec = {"id": i, "text": c.text, "lemma": c.lemma, "role": c.role, "category": c.category,
                "category_source": c.category_source, "binds_to": view.binds_to, "token_indices": list(c.token_indices),
                "map_method": method}
-        if k_c is not None:
-            rec["k"] = k_c
+        if primary.k is not None:
+            rec["k"] = primary.k
         if c.role == "object":
             rec["count"] = c.count
         if method != "selective":

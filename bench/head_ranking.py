@@ -3,11 +3,10 @@
     .venv/bin/python bench/miou.py --fresh          # the captures (work_bench/miou_{tune,test}.npz)
     .venv/bin/python bench/head_ranking.py          # -> bench/results/head_ranking.json
 
-Every map here is DAAM's aggregation over a chosen set of heads: each head's step-summed map upsampled bicubically to
-the latent grid and clamped at 0, the mean over the chosen heads, divided by the word's token count, bicubic to
-64x64 (``auditor.engine.maps.daam_map`` restricted to those heads). The DAAM baseline is the engine's own
-``all_heads`` map stored by the capture. Rankings are scored per category on the TUNING split without its masks
-(what a calibration could compute for any model), k is chosen on TUNING, and everything is reported on TEST with
+Maps are scored with ``bench/miou.py``'s fast path (the engine's aggregation over the chosen heads); the DAAM
+baseline is the engine's own ``all_heads`` map stored by the capture. Head scores are computed per category on the
+TUNING split without its masks (what a calibration could compute for any model) from each head's own map (the
+same aggregation, one head at a time); k is chosen on TUNING, and everything is reported on TEST with
 cluster-bootstrap intervals over generations:
 
 - ``hrv``: the shipped head-relevance matrix (HRV category votes);
@@ -17,8 +16,7 @@ cluster-bootstrap intervals over generations:
   gives every word the same map cannot tell where anything is);
 - ``oracle``: each head's own IoU against the oracle masks of the tuning split (uses ground truth: the bound).
 
-Then the ranking the shipped profile holds (``auditor.engine.localise`` on the calibration prompts, k per category
-by split-half stability, no ground truth anywhere) at its own k, and its bottom k.
+The ranking the shipped profile holds (calibrated without ground truth) is scored in ``bench/miou.py``.
 """
 
 from __future__ import annotations
@@ -35,10 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from miou import KS, load  # noqa: E402
+from miou import KS, load, score  # noqa: E402
 from stats import bootstrap_mean, iou, paired_difference  # noqa: E402
 
-from auditor.engine.localise import HeadRanking  # noqa: E402
 from auditor.engine.maps import binarize  # noqa: E402
 
 LATENT = (16, 16)
@@ -70,26 +67,6 @@ def to_image(m: np.ndarray) -> np.ndarray:
     """[V, 16*16] -> [V, 64, 64], bicubic (DAAM's expand_as)."""
     x = torch.from_numpy(m.reshape(-1, 1, *LATENT).astype(np.float32))
     return F.interpolate(x, size=(common.SIDE, common.SIDE), mode="bicubic", align_corners=False)[:, 0].numpy()
-
-
-def maps_for(U: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """[V, 64, 64] of one concept for V head-weight rows."""
-    tot = W.sum(1, keepdims=True)
-    return to_image((W @ U) / np.where(tot > 0, tot, 1.0))
-
-
-def score_rows(U: np.ndarray, truth: np.ndarray, rows, weights_for) -> np.ndarray:
-    """IoU [concepts, V]: ``weights_for(category)`` -> [V, H]."""
-    cache, out = {}, None
-    for i, r in enumerate(rows):
-        W = cache.get(r["category"])
-        if W is None:
-            W = cache[r["category"]] = weights_for(r["category"]).astype(np.float32)
-        if out is None:
-            out = np.full((len(rows), len(W)), np.nan)
-        m = maps_for(U[i], W)
-        out[i] = [iou(binarize(m[v]), truth[i]) for v in range(len(W))]
-    return out
 
 
 # --- label-free head scores (per concept, per head), averaged per category over the tuning split -------------
@@ -136,15 +113,6 @@ def contrast(U: np.ndarray, rows) -> np.ndarray:
     return out
 
 
-def oracle(U: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    C, H, _ = U.shape
-    out = np.zeros((C, H), np.float32)
-    for i in range(C):
-        hm = to_image(U[i])
-        out[i] = [iou(binarize(hm[h]), truth[i]) for h in range(H)]
-    return np.nan_to_num(out)
-
-
 def per_category(scores: np.ndarray, rows, fallback: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """{category: [H] mean score over its tuning concepts}; categories with no defined score use ``fallback``
     (the mean over all concepts) so that every category has a ranking."""
@@ -176,30 +144,9 @@ def ranking_weights(rank_scores: dict[str, np.ndarray], allowed: np.ndarray):
     return wf
 
 
-def evaluate_ranking(hr, Us, truth, rows, base, gens, log) -> dict:
-    """A calibrated ranking at its own k per category (selective) and its bottom k, on TEST."""
-    H = len(hr.head_names)
-    top, bottom = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
-    for i, r in enumerate(rows):
-        W = np.zeros((2, H), np.float32)
-        W[0, hr.top_heads(r["category"])] = 1.0
-        W[1, hr.bottom_heads(r["category"])] = 1.0
-        m = maps_for(Us[i], W)
-        top[i], bottom[i] = iou(binarize(m[0]), truth[i]), iou(binarize(m[1]), truth[i])
-    out = {"k": hr.k_per_category(), "budget_prompts": hr.budget_prompts, "converged": hr.converged,
-           "agreement_curve": hr.agreement_curve, "selective": bootstrap_mean(top, gens),
-           "bottom_k": bootstrap_mean(bottom, gens), "selective_minus_daam": paired_difference(top, base, gens),
-           "selective_minus_bottom_k": paired_difference(top, bottom, gens)}
-    log(f"calibrated ranking ({hr.budget_prompts} prompts, k {out['k']}): selective {out['selective']['mean']:.3f} "
-        f"minus DAAM {out['selective_minus_daam']['mean']:+.3f} {[round(x, 3) for x in out['selective_minus_daam']['ci95']]}, "
-        f"minus bottom-k {out['selective_minus_bottom_k']['mean']:+.3f}")
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ranking", action="append", default=[], help="a calibrated HeadRanking (.npz) to score")
     ap.add_argument("--out", default=str(common.RESULTS / "head_ranking.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,8 +165,7 @@ def main() -> None:
 
     # the baseline, and a check that the head stack reproduces it
     base = np.array([iou(binarize(test["daam"][i]), test["truth"][i]) for i in range(len(rows_s))])
-    daam_W = daam_heads[None].astype(np.float32)
-    mine = np.array([maps_for(Us[i], daam_W)[0] for i in range(len(rows_s))])
+    mine = to_image(Us[:, daam_heads].mean(1))
     single = np.array([len(r["tokens"]) == 1 for r in rows_s])
     rel = np.abs(mine - test["daam"]).max((1, 2)) / np.abs(test["daam"]).max((1, 2))
     log(f"head stack vs engine DAAM map: max rel diff {rel[single].max():.1e} (single-token words), "
@@ -232,18 +178,17 @@ def main() -> None:
         "concentration": per_category(concentration(Ut), rows_t),
         "consensus": per_category(consensus(Ut, tune["daam"]), rows_t),
         "contrast": per_category(contrast(Ut, rows_t), rows_t),
-        "oracle": per_category(oracle(Ut, tune["truth"]), rows_t),
+        "oracle": per_category(np.nan_to_num(score(tune, lambda c: np.eye(H, dtype=np.float32))), rows_t),
     }
     cons_c = {c: scores_t["consensus"][c] * scores_t["contrast"][c] for c in scores_t["consensus"]}
     scores_t["consensus_x_contrast"] = cons_c
     log("scored heads on the tuning split")
 
-    res = {"baseline_daam": bootstrap_mean(base, gens_s), "rankings": {}, "calibrated": {}}
+    res = {"baseline_daam": bootstrap_mean(base, gens_s), "rankings": {}}
     for pool_name, allowed in (("all heads", np.ones(H, bool)), ("daam layers", daam_heads)):
         for name, sc in scores_t.items():
             wf = ranking_weights(sc, allowed)
-            It = score_rows(Ut, tune["truth"], rows_t, wf)
-            Is = score_rows(Us, test["truth"], rows_s, wf)
+            It, Is = score(tune, wf), score(test, wf)
             # k per category, chosen on tuning (with its masks) -- and one global k
             j_glob = int(np.nanargmax(np.nanmean(It, 0)))
             pc = np.full(len(rows_s), np.nan)
@@ -254,7 +199,7 @@ def main() -> None:
                 kc[c] = KS[j]
                 pc[cats_s == c] = Is[cats_s == c, j]
             bottom_wf = ranking_weights({c: -s for c, s in sc.items()}, allowed)
-            Bs = score_rows(Us, test["truth"], rows_s, bottom_wf)
+            Bs = score(test, bottom_wf)
             bpc = np.full(len(rows_s), np.nan)
             for c in sorted(set(cats_s)):
                 bpc[cats_s == c] = Bs[cats_s == c, KS.index(kc[c])]
@@ -270,17 +215,6 @@ def main() -> None:
                 f"{entry['per_category_k']['mean']:.3f} diff {entry['per_category_k_minus_daam']['mean']:+.3f} "
                 f"{[round(x, 3) for x in entry['per_category_k_minus_daam']['ci95']]} top-bottom "
                 f"{entry['top_minus_bottom']['mean']:+.3f} k={kc}")
-    from auditor.engine.models import load_model
-    from auditor.profile import profile_for
-
-    shipped = profile_for(load_model("shapes-v1", device="cpu")).ranking
-    res["calibrated"]["shipped profile (auditor/zoo/models/shapes-v1/profile.json)"] = evaluate_ranking(
-        shipped, Us, test["truth"], rows_s, base, gens_s, log)
-    for path in args.ranking:
-        hr = HeadRanking.load(path)
-        if tuple(hr.head_names) != tuple(names):
-            sys.exit(f"{path}: another architecture's heads")
-        res["calibrated"][str(path)] = evaluate_ranking(hr, Us, test["truth"], rows_s, base, gens_s, log)
     log(f"DAAM baseline {res['baseline_daam']['mean']:.3f} {res['baseline_daam']['ci95']}")
     out = {"benchmark": "head_ranking", "command": common.command(), "machine": common.machine(),
            "commit": common.git_commit(), **res, "wall_seconds": time.perf_counter() - t0}

@@ -140,13 +140,17 @@ class HeadRanking:
         a, b = (self.halves[i, c] / max(self.half_counts[i, c], 1) for i in (0, 1))
         return stable_k(a, b)
 
-    def top_heads(self, category: str, k: int | None = None) -> np.ndarray:
+    def _ranked(self, category: str, k: int | None, descending: bool) -> np.ndarray:
         if not self.ranks(category):
             raise AuditorError("the localisation ranking saw no calibration word: calibrate with other prompts")
-        return _order(self.row(category).astype(np.float64))[:self.k_for(category) if k is None else int(k)]
+        return _order(self.row(category).astype(np.float64), descending)[:self.k_for(category) if k is None else int(k)]
+
+    def top_heads(self, category: str, k: int | None = None) -> np.ndarray:
+        """Global indices of the k most concentrated heads of ``category`` (k: its calibrated one)."""
+        return self._ranked(category, k, True)
 
     def bottom_heads(self, category: str, k: int | None = None) -> np.ndarray:
-        return _order(self.row(category).astype(np.float64), False)[:self.k_for(category) if k is None else int(k)]
+        return self._ranked(category, k, False)
 
     def k_per_category(self) -> dict[str, int]:
         return {c: self.k_for(c) for c in self.categories}

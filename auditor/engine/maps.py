@@ -5,13 +5,14 @@ Methods:
   (``daam_map``): the down and up blocks' heads only (DAAM does not hook the mid block), each head's map of each
   token upsampled bicubically to the latent grid and clamped at 0, the mean over those heads, a word = the mean of
   its tokens' maps, then bicubic to the output grid;
-- ``selective``: the top-k heads of the word's category by relevance;
-- ``weighted``: every head weighted by its relevance to the category;
-- ``bottom_k``: the k least relevant heads (the control: selection should beat it).
-The relevance methods sum a word's sub-tokens and combine each layer's heads at the layer's own grid; bilinear
-resizing is linear, so only the combination is resized to the common grid (the image size by default). ``raw`` is
-in attention-probability units per counted step; ``norm`` rescales it to [0, 1]. Binary masks come from
-``binarize`` only.
+- ``selective``: the top-k heads of the word's category in a head ranking (a localisation ranking or an HRV
+  matrix), k the ranking's own unless given;
+- ``weighted``: every head weighted by its score for the category;
+- ``bottom_k``: the k lowest-ranked heads (the control: selection should beat it).
+Every method goes through ``pooled_map`` and differs only in the weight each head gets (``head_weights``). ``raw``
+is in attention-probability units per counted step; ``norm`` rescales it to [0, 1]. Binary masks come from
+``binarize`` only. ``aggregate`` (each layer's weighted heads resized bilinearly, a word's tokens summed) is the
+category response's, and ``head_maps`` the reading API's per-head maps.
 """
 
 from __future__ import annotations
@@ -29,14 +30,6 @@ METHODS = ("selective", "all_heads", "bottom_k", "weighted")
 MASK_POLICIES = ("otsu", "quantile")
 MASK_POLICY = "otsu"  # the default everywhere a concept's region is needed
 MASK_QUANTILE = 0.8  # for the "quantile" policy: the top 20% of pixels
-
-
-def k_of(ranking, category: str | None) -> int:
-    """The k a ranking calibrated for ``category``: its own per-category k (a localisation ranking) or the single
-    k its calibration converged at (an HRV matrix). There is no package-wide k."""
-    if hasattr(ranking, "k_for"):
-        return int(ranking.k_for(category))
-    return int(ranking.k)
 
 
 def head_weights(method: str, n_heads: int, relevance=None, category: str | None = None,
@@ -58,7 +51,7 @@ def head_weights(method: str, n_heads: int, relevance=None, category: str | None
         if w.sum() <= 0:
             raise AuditorError(f"category {category!r} has no relevant heads in the relevance matrix")
         return w
-    k = k_of(relevance, category) if k is None else int(k)
+    k = relevance.k_for(category) if k is None else int(k)
     if not 1 <= k <= n_heads:
         raise AuditorError(f"k must be between 1 and the number of heads ({n_heads}), got {k}")
     chosen = relevance.top_heads(category, k) if method == "selective" else relevance.bottom_heads(category, k)
@@ -263,7 +256,7 @@ class ConceptMap:
 
     method: str
     token_indices: tuple[int, ...]
-    raw: np.ndarray  # [H, W] attention per counted step (all_heads: DAAM's map; others: tokens summed, heads averaged)
+    raw: np.ndarray  # [H, W] attention per counted step: the weighted mean over heads of its tokens' mean map
     heads: np.ndarray  # global indices of heads with non-zero weight
     category: str | None = None
     k: int | None = None
@@ -297,7 +290,7 @@ def concept_map(trace, token_indices: Sequence[int], method: str = "selective", 
     if method != "all_heads" and category is None:
         raise AuditorError(f"method {method!r} needs the concept's category")
     if method != "all_heads" and relevance is not None and not relevance.ranks(category):
-        raise AuditorError(f"category {category!r} is not in the relevance matrix")
+        raise AuditorError(f"category {category!r} is not in the relevance matrix, or has no ranked heads")
     if method in ("all_heads", "weighted"):
         k_used = None
     elif k is not None:
@@ -305,7 +298,7 @@ def concept_map(trace, token_indices: Sequence[int], method: str = "selective", 
     elif relevance is None:
         raise AuditorError(f"method {method!r} needs a head ranking")
     else:
-        k_used = k_of(relevance, category)
+        k_used = relevance.k_for(category)  # each ranking's own k: per category, or its calibration's
     w = head_weights(method, trace.head_index.total, relevance, category, k_used, trace.head_names)
     raw = pooled_map(trace, token_indices, w, item, size).float().cpu().numpy()
     return ConceptMap(method, tuple(int(t) for t in token_indices), raw, np.flatnonzero(w), category, k_used)

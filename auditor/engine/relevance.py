@@ -81,8 +81,12 @@ class RelevanceMatrix:
             raise AuditorError(f"category {category!r} is not in the relevance matrix") from None
 
     def ranks(self, category: str) -> bool:
-        """Whether the matrix ranks heads for ``category``."""
-        return category in self.categories
+        """Whether the matrix ranks heads for ``category``: it is one of its categories and got votes."""
+        return category in self.categories and int(self.votes[self.categories.index(category)].sum()) > 0
+
+    def k_for(self, category: str) -> int:
+        """The k of a selective map by this matrix: the one k its calibration compared top heads at."""
+        return int(self.k)
 
     @property
     def category_limit(self) -> tuple[str, ...]:

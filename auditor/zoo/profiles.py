@@ -115,14 +115,12 @@ def build_relevance(name: str, budget: int, threads: int) -> None:
 
 def write_thresholds(th, provenance: dict, name: str = "shapes-v1") -> list:
     """Put thresholds into ``name``'s profile and into the profiles that inherit them."""
-    from dataclasses import replace
-
     from auditor.profile import AuditProfile
 
     written = []
     for target in [name] + [m for m, src in INHERITS.items() if src == name]:
         prof = AuditProfile.load(path_of(target))
-        prof.thresholds = replace(th)
+        prof.thresholds = th
         prof.provenance = {**prof.provenance, "thresholds": provenance if target == name else
                            {"inherited_from": name, "why": "a fine-tune of it, judged by the reference it is "
                                                            "compared against", **provenance}}
