@@ -28,7 +28,7 @@ test: $(STAMP)
 audit: $(STAMP)
 	$(VENV)/bin/auditor audit prompt_suites/shapes-default.yaml
 
-# Selective vs DAAM mIoU, label-free head rankings, misinterpretation, calibration budget, capture overhead and audit wall time on the
+# Selective vs DAAM mIoU, label-free head rankings, misinterpretation, maps of given images, calibration budget, capture overhead and audit wall time on the
 # bundled shapes-v1 (fixed seeds; about 30 minutes on the project's idle 2-core CPU), then bench/report.py rewrites
 # its sections of docs/benchmarks.md and the figures in docs/figures/.
 # BENCH_THREADS=1 when something else uses the other core (two torch threads on a busy core spin-wait).
@@ -38,7 +38,10 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/miou.py --fresh --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/head_ranking.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/misinterpretation.py --threads $(BENCH_THREADS)
+	$(VENV)/bin/python bench/image_maps.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/calibration.py --threads $(BENCH_THREADS)
 	$(VENV)/bin/python bench/capture_overhead.py
 	$(VENV)/bin/python bench/audit_cost.py --threads $(BENCH_THREADS)
+	$(VENV)/bin/python bench/throughput.py
+	$(VENV)/bin/python bench/cost_model.py
 	$(VENV)/bin/python bench/report.py --started-at $$(cat work_bench/bench_started)

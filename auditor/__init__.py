@@ -8,11 +8,12 @@ except PackageNotFoundError:  # running from a checkout that was never installed
     __version__ = "0.0.0+checkout"
 
 
-def trace(pipe, **kwargs):
-    """Capture per-head cross-attention while ``pipe`` generates (see ``auditor.engine.capture``)."""
-    from auditor.engine.capture import trace as _trace
+def __getattr__(name: str):
+    if name in ("trace", "trace_image"):
+        from auditor import reading  # here, not above: torch and diffusers load only when the API is used
 
-    return _trace(pipe, **kwargs)
+        return getattr(reading, name)
+    raise AttributeError(f"module 'auditor' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "trace"]
+__all__ = ["__version__", "trace", "trace_image"]

@@ -2,12 +2,19 @@
 
 Indices are positions in the tokenizer's full encoded sequence (so index 0 is the start token for CLIP).
 Words are located by character offsets, so a repeated word maps to its own occurrence and a word split into
-several BPE pieces maps to all of them. Pieces past ``max_length`` are reported as truncated.
+several BPE pieces maps to all of them; a SentencePiece (T5) word owns its pieces from the one marked ``▁`` (a
+lone ``▁`` piece's offsets point at the word it starts). Pieces past ``max_length`` are reported as truncated.
+
+A transformer pipeline's denoiser reads a text sequence that is not one tokenizer's: ``TextSequence`` describes it
+as segments (``text_sequence(pipe)``). SD3 reads 77 CLIP columns (CLIP-L and CLIP-G side by side, one column per
+CLIP token) followed by the T5 tokens; Flux reads the T5 tokens only (CLIP gives it just a pooled vector); PixArt
+reads T5. A word owns its columns in every segment.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,87 @@ def _offsets(prompt: str, tokenizer) -> list[tuple[int, int]]:
     return offs
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Columns ``[offset, offset + length)`` of a denoiser's text sequence: ``tokenizer``'s encoding of the prompt,
+    truncated to ``length`` tokens (its end token included) and padded."""
+
+    tokenizer: object
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TextSequence:
+    """The text sequence a transformer reads, as the segments of its text encoders (see the module docstring).
+
+    It stands in for a tokenizer wherever words meet tokens (``align_spans``, ``word_indices``, the concept
+    extractor's ``tokenizer=``): indices are columns of the whole sequence."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def model_max_length(self) -> int:
+        return max(s.offset + s.length for s in self.segments)
+
+
+def text_sequence(pipe, t5_length: int | None = None):
+    """What ``pipe``'s denoiser reads, for aligning words: the tokenizer itself for a UNet pipeline, else a
+    ``TextSequence``.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline.
+        t5_length: the T5 tokens the call used (``max_sequence_length``); default: the pipeline call's default.
+
+    Returns:
+        A tokenizer (UNet pipelines) or a ``TextSequence`` (PixArt, SD3, Flux).
+    """
+    import inspect
+
+    name = type(pipe).__name__
+    if getattr(pipe, "transformer", None) is None:
+        return pipe.tokenizer
+    if t5_length is None:
+        param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+        t5_length = int(param.default) if param is not None and isinstance(param.default, int) else 512
+    if name.startswith("StableDiffusion3"):
+        clip = int(getattr(pipe, "tokenizer_max_length", 77) or 77)
+        segs = [Segment(pipe.tokenizer, 0, clip)]
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            segs.append(Segment(pipe.tokenizer_3, clip, int(t5_length)))
+        return TextSequence(tuple(segs))
+    if name.startswith("Flux"):
+        return TextSequence((Segment(pipe.tokenizer_2, 0, int(t5_length)),))
+    return TextSequence((Segment(pipe.tokenizer, 0, int(t5_length)),))
+
+
+def _align_sequence(prompt: str, spans: Sequence[tuple[int, int]], seq: TextSequence) -> list[SpanTokens]:
+    """Per span, its columns in every segment; truncated only when some segment cuts it and no segment holds all
+    of it (a word the T5 segment reads whole still reaches the model)."""
+    per_segment = [align_spans(prompt, list(spans), s.tokenizer, s.length) for s in seq.segments]
+    out = []
+    for i, (a, b) in enumerate(spans):
+        found = [(seg, part[i]) for seg, part in zip(seq.segments, per_segment)]
+        kept = tuple(seg.offset + j for seg, st in found for j in st.indices)
+        whole = any(not st.truncated and st.indices for _, st in found)
+        out.append(SpanTokens(a, b, kept, truncated=any(st.truncated for _, st in found) and not whole))
+    return out
+
+
 def align_spans(prompt: str, spans: list[tuple[int, int]], tokenizer, max_length: int | None = None) -> list[SpanTokens]:
-    """Token indices of each character span; a token belongs to a span when their characters overlap."""
+    """Token indices of each character span; a token belongs to a span when their characters overlap.
+
+    Args:
+        prompt: the text.
+        spans: character ranges ``[start, end)`` of ``prompt``.
+        tokenizer: a tokenizer, or a ``TextSequence`` (indices are then columns of the whole sequence).
+        max_length: the tokens the model reads (default: the tokenizer's ``model_max_length``).
+
+    Returns:
+        One ``SpanTokens`` per span.
+    """
+    if isinstance(tokenizer, TextSequence):
+        return _align_sequence(prompt, spans, tokenizer)
     max_length = max_length or getattr(tokenizer, "model_max_length", 77)
     if max_length is None or max_length > 100_000:
         max_length = 77

@@ -1,7 +1,7 @@
 """Calibrating a model's audit profile: head relevance, the localisation ranking and the diagnostic thresholds.
 
 ``calibrate_profile`` runs three stages on prompts of the caller's choosing (general prompts by default):
-1. **HRV relevance** (``engine.relevance.calibrate``): which heads respond to which category, for the category
+1. **HRV relevance** (``engine.hrv.calibrate``): which heads respond to which category, for the category
    response;
 2. **localisation ranking** (``engine.localise.calibrate_localisation``): which heads' maps of a word are peaked,
    and k per category;
@@ -25,6 +25,15 @@ import numpy as np
 from auditor.engine.localise import WordTarget
 from auditor.errors import AuditorError
 from auditor.thresholds import Thresholds
+from auditor import __version__
+from auditor.concepts import extract_many
+from auditor.diagnostics import SCORE_DIRECTIONS, flags_from_records, judges
+from auditor.engine.hrv import calibrate
+from auditor.engine.localise import calibrate_localisation
+from auditor.manifest import manifest_base
+from auditor.profile import AuditProfile
+from auditor.image_record import generation_record
+from auditor.tasks import generate_one
 
 FIT_ROLES = ("object", "attribute")  # roles whose words occupy a region: the localisation ranking's words
 
@@ -33,8 +42,6 @@ def word_targets(prompts: Sequence[str], tokenizer) -> list[list[WordTarget]]:
     """The words of each prompt the localisation ranking scores: objects and their attributes with a lexicon
     category and token indices, not negated, not describing the background (a background's map is spread by
     nature, so it says nothing about whether a head localises)."""
-    from auditor.concepts import extract_many
-
     out = []
     for ex in extract_many(list(prompts), tokenizer=tokenizer):
         background = {c.id for c in ex.items if c.role == "background"}
@@ -53,8 +60,6 @@ def thresholds_at(generations: Sequence[Sequence[dict]], q: float, max_flag_rate
                   select: Callable[[int], Sequence[int]] | None = None) -> Thresholds:
     """Every score's cut at the ``q`` (low is bad) or ``1 - q`` (high is bad) quantile of its values over the
     population's concepts its rule judges; None where no such concept has the score."""
-    from auditor.diagnostics import SCORE_DIRECTIONS, judges
-
     pop = _population(generations, select)
     vals: dict[str, float | None] = {}
     for name, (score, direction, role) in SCORE_DIRECTIONS.items():
@@ -85,8 +90,6 @@ def _cut(xs: np.ndarray, q: float, direction: str) -> float:
 def flag_rate(generations: Sequence[Sequence[dict]], th: Thresholds,
               select: Callable[[int], Sequence[int]] | None = None) -> tuple[int, int, dict[str, int]]:
     """(flagged concepts, concepts, flags per type) over the population, judged from the stored scores."""
-    from auditor.diagnostics import flags_from_records
-
     k = n = 0
     by_type: dict[str, int] = {}
     for g, recs in enumerate(generations):
@@ -141,7 +144,8 @@ def fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, max_fla
 
 def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget: int, threshold_prompts: int,
                       flag_budget: float, max_flag_rate: float, steps: int = 20, guidance: float = 7.5,
-                      seed: int = 0, lexicon=None, progress: Callable[[str, int, int], None] | None = None):
+                      seed: int = 0, lexicon=None, progress: Callable[[str, int, int], None] | None = None,
+                      executor=None):
     """A complete audit profile for the loaded model ``lm`` (``engine.models.LoadedModel``).
 
     Args:
@@ -156,6 +160,8 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
         steps, guidance, seed: generation settings (prompt i uses seed ``seed + i``).
         lexicon: {category: words} for HRV concept keys (default: the package lexicon).
         progress: ``progress(stage, done, total)``.
+        executor: an ``auditor.executors`` executor whose ``map`` spreads the ranking's batches and the threshold
+            generations (over Ray workers, say); None: all here. HRV relevance runs here either way.
 
     Returns:
         ``auditor.profile.AuditProfile``.
@@ -165,12 +171,6 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
         >>> prof = calibrate_profile(lm, ["a red circle"], "example", budget=16, threshold_prompts=0,
         ...                          flag_budget=0.05, max_flag_rate=0.5)  # doctest: +SKIP
     """
-    from auditor import __version__
-    from auditor.engine.localise import calibrate_localisation
-    from auditor.engine.relevance import calibrate
-    from auditor.manifest import manifest_base
-    from auditor.profile import AuditProfile
-
     if not prompts:
         raise AuditorError("calibration needs at least one prompt")
     if budget < 1 or threshold_prompts < 0:
@@ -183,11 +183,12 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
                    fingerprint=lm.fingerprint, prompt_source=prompt_source, progress=tick("relevance"))
     hr = calibrate_localisation(pipe, cycled, word_targets(cycled, pipe.tokenizer), steps=steps,
                                 guidance_scale=guidance, seed=seed, fingerprint=lm.fingerprint,
-                                prompt_source=prompt_source, progress=tick("ranking"))
+                                prompt_source=prompt_source, progress=tick("ranking"),
+                                mapper=None if executor is None else executor.map)
     tool = manifest_base([]).get("tool")
     provenance = {
         "tool": tool, "model_fingerprint": lm.fingerprint, "date": time.strftime("%Y-%m-%d"),
-        "relevance": {"how": "HRV category votes (auditor.engine.relevance.calibrate)", "prompts": prompt_source,
+        "relevance": {"how": "HRV category votes (auditor.engine.hrv.calibrate)", "prompts": prompt_source,
                       "budget_prompts": rm.budget_prompts, "converged": rm.converged, **gen},
         "ranking": {"how": "localisation: mean concentration of each head's map of a word, k per category by "
                            "split-half stability (auditor.engine.localise)", "prompts": prompt_source,
@@ -199,7 +200,8 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
     if threshold_prompts:
         th, q, achieved = self_calibrated_thresholds(lm, prof, [prompts[i % len(prompts)] for i in
                                                                 range(threshold_prompts)],
-                                                     flag_budget, max_flag_rate, steps, guidance, seed, progress)
+                                                     flag_budget, max_flag_rate, steps, guidance, seed, progress,
+                                                     executor)
         prof.thresholds = th
         prof.provenance["thresholds"] = {
             "how": "self-calibrated: each score's cut at the q / (1 - q) quantile over every concept of the "
@@ -214,18 +216,25 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
 
 
 def self_calibrated_thresholds(lm, profile, prompts: Sequence[str], flag_budget: float, max_flag_rate: float,
-                               steps: int, guidance: float, seed: int, progress=None):
-    """Generate each prompt as an audit does, score its concepts with ``profile``, fit thresholds to the budget."""
-    from auditor.concepts import extract_many
-    from auditor.runs import generate_one, generation_record
-
-    records = []
+                               steps: int, guidance: float, seed: int, progress=None, executor=None):
+    """Generate each prompt as an audit does, score its concepts with ``profile``, fit thresholds to the budget
+    (the generations spread by ``executor.map`` when given)."""
     extracted = extract_many(list(prompts), tokenizer=lm.pipe.tokenizer)
-    for i, (p, cs) in enumerate(zip(prompts, extracted)):
-        image, tr = generate_one(lm.pipe, p, seed + i, steps, guidance, None)
-        recs, _, _ = generation_record(tr, cs, profile, image)
-        del tr
-        records.append(recs)
+    jobs = [(p, cs, seed + i, steps, guidance, profile) for i, (p, cs) in enumerate(zip(prompts, extracted))]
+    if executor is None:
+        records = []
+        for job in jobs:
+            records.append(threshold_record(lm.pipe, *job))
+            if progress:
+                progress("thresholds", 1, len(prompts))
+    else:
+        records = executor.map(threshold_record, jobs)
         if progress:
-            progress("thresholds", 1, len(prompts))
+            progress("thresholds", len(records), len(prompts))
     return fit_thresholds(records, flag_budget, max_flag_rate)
+
+
+def threshold_record(pipe, prompt: str, concepts, seed: int, steps: int, guidance: float, profile) -> list[dict]:
+    """The concept records of one threshold-prompt generation, as an audit makes them (no files)."""
+    image, tr = generate_one(pipe, prompt, seed, steps, guidance, None)
+    return generation_record(tr, concepts, profile, image)[0]

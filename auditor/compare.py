@@ -18,7 +18,7 @@ import numpy as np
 
 from auditor.errors import AuditorError
 from auditor.manifest import flatten
-from auditor.report.figures import Relevance, read_relevance
+from auditor.run_relevance import Relevance, read_relevance
 from auditor.store import RELEVANCE_NAME, RunStore
 from auditor.summary import Pair, across_seeds, pairs_of
 
@@ -165,6 +165,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY, 
                                f"flagged nothing): its flags cannot be compared; calibrate the model and audit again")
     warnings, matched = _match(a, b)
     warnings += _profile_differences(a.manifest, b.manifest)
+    warnings += _reading_differences(a.manifest, b.manifest)
     not_comparable = _not_comparable(a, b)
     if not_comparable:
         only = set(not_comparable["only_a"]) | set(not_comparable["only_b"])
@@ -251,6 +252,22 @@ def _profile_differences(ma: dict, mb: dict) -> list[str]:
             f"{n} {ta.get(n)} vs {tb.get(n)}" for n in diff_t[:6]) + (", …" if len(diff_t) > 6 else "")
             + "): a flag rate change may come from the thresholds, not the model")
     return out
+
+
+def _reading_differences(ma: dict, mb: dict) -> list[str]:
+    """Runs whose maps were made differently (captured while generating, or read from given images, at which
+    timesteps) measure the reading together with the models."""
+    ga, gb = ma.get("given_images"), mb.get("given_images")
+    if not ga and not gb:
+        return []
+    if ga and gb:
+        if (ga.get("timesteps"), ga.get("draws")) == (gb.get("timesteps"), gb.get("draws")):
+            return []
+        return [f"both runs read given images, at different timesteps ({ga.get('timesteps')} x {ga.get('draws')} in "
+                f"A, {gb.get('timesteps')} x {gb.get('draws')} in B)"]
+    which, other = ("A", "B") if ga else ("B", "A")
+    return [f"run {which}'s maps were read from given images (nothing generated) and run {other}'s captured while "
+            f"generating: the differences mix the way the maps were made with the models"]
 
 
 def _not_comparable(a: _Run, b: _Run) -> dict | None:

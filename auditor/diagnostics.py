@@ -35,14 +35,11 @@ import numpy as np
 
 from auditor.engine.maps import binarize
 from auditor.thresholds import Thresholds
+from auditor.vocabulary import SIDE_WORDS
+from auditor import pixels
 
-FLAG_TYPES = ("missing", "misplaced", "misinterpreted")
-SIDES = {  # named position -> (axis, sign): axis 0 = x, 1 = y; sign -1 = low side
-    "left": (0, -1),
-    "right": (0, 1),
-    "top": (1, -1),
-    "bottom": (1, 1),
-}
+# named side -> (axis, sign): axis 0 = x, 1 = y; sign -1 = low side (left, right, top, bottom in SIDE_WORDS' order)
+SIDES = dict(zip(SIDE_WORDS, ((0, -1), (0, 1), (1, -1), (1, 1))))
 RELATION_SIDES = {"to the left of": (0, -1), "left of": (0, -1), "to the right of": (0, 1), "right of": (0, 1),
                   "above": (1, -1), "on top of": (1, -1), "over": (1, -1), "below": (1, 1), "under": (1, 1),
                   "beneath": (1, 1)}
@@ -136,8 +133,6 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
     """Every number a verdict rests on, per concept (kept in results.json as evidence). ``image`` (the generated
     image, [H, W, 3] uint8) adds the image-side scores (``drawn_share``, ``colour_share``); without it they are
     skipped."""
-    from auditor import pixels
-
     px = pixels.read(image) if image is not None else None
     masks = {v.index: binarize(v.raw) for v in views}
     objects = [v for v in views if v.role == "object"]

@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from pathlib import Path
+from auditor import __version__
 
 LIBRARIES = ("torch", "diffusers", "transformers", "spacy", "numpy")
 # Manifest keys that differ between two invocations of the same run (a resume) and so do not identify it.
@@ -28,8 +29,6 @@ def manifest_base(argv: list[str] | None = None) -> dict:
     """The parts of the manifest the tool knows by itself: versions, git commit, platform, command line, start time.
 
     The runner adds model, device, dtype, suite, seeds, steps, guidance, resolution, thresholds, relevance, method."""
-    from auditor import __version__
-
     libs = {}
     for name in LIBRARIES:  # metadata only: importing torch here would cost seconds for nothing
         try:

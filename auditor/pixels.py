@@ -23,14 +23,13 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+from auditor.lexicon import colour_values
 
 
 @functools.lru_cache(maxsize=1)
 def _terms() -> tuple[tuple[str, ...], np.ndarray, dict[str, int]]:
     """Distinct colour terms (synonyms with one value share a term), their Lab values, and word -> term."""
     from skimage.color import rgb2lab
-
-    from auditor.lexicon import colour_values
 
     names: list[str] = []
     rgbs: list[tuple[int, int, int]] = []

@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from auditor.engine.localise import HeadRanking
-from auditor.engine.relevance import RelevanceMatrix
+from auditor.engine.models import cache_dir, fingerprint_of, folder_of
+from auditor.engine.relevance import RelevanceMatrix, check_compatible, find_for_pipe
 from auditor.errors import AuditorError
 from auditor.thresholds import Thresholds
+from auditor.engine.heads import HeadIndex, denoiser_of
 
 FORMAT = 1
 FILE = "profile.json"
@@ -187,8 +189,6 @@ class AuditProfile:
 
 
 def cache_path(fingerprint: str) -> Path:
-    from auditor.engine.models import cache_dir
-
     return cache_dir() / "profiles" / f"{fingerprint}.json"
 
 
@@ -202,6 +202,14 @@ def find(fingerprint: str | None, folder: Path | None) -> tuple[AuditProfile, Pa
             if prof.model_fingerprint == fingerprint:
                 return prof, cand
     return None
+
+
+def stored_ranking(pipe):
+    """The ranking selective maps of a traced pipeline use: its audit profile's (shipped beside the model or cached
+    for its fingerprint), else its cached head-relevance matrix, else None."""
+    fp = fingerprint_of(pipe)
+    stored = find(fp, folder_of(pipe))
+    return stored[0].maps_source if stored is not None else find_for_pipe(pipe, fp)
 
 
 def from_relevance(rm: RelevanceMatrix, source: str) -> AuditProfile:
@@ -235,10 +243,7 @@ def profile_for(lm, path: str | Path | None = None, relevance: str | Path | None
         >>> prof.calibrated, prof.maps_ranking
         (True, 'localisation')
     """
-    from auditor.engine.heads import HeadIndex
-    from auditor.engine.relevance import check_compatible, find_for_pipe
-
-    heads = HeadIndex.from_unet(lm.pipe.unet).names
+    heads = HeadIndex.from_unet(denoiser_of(lm.pipe)).names
     prof = None
     if path is not None:
         prof = AuditProfile.load(path).check(lm.fingerprint, heads, str(path))

@@ -1,5 +1,5 @@
-"""One prompt, end to end (the `auditor maps` command): generate under trace, map each concept by each method, and
-draw the maps over the image. A client of the engine: the concepts come from ``auditor.concepts``, the maps from
+"""One prompt, end to end (the `auditor maps` command): generate under trace (or read a given image), map each
+concept by each method, and draw the maps over the image. A client of the engine: the concepts come from ``auditor.concepts``, the maps from
 ``auditor.engine.maps``; pictures are drawn here and in the run store's overlays (``overlay``).
 """
 
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from auditor.align import word_indices
+from auditor.align import text_sequence, word_indices
 from auditor.concepts import VISIBLE_ROLES, extract
-from auditor.engine.capture import trace
+from auditor.engine.image_read import load_image
 from auditor.engine.maps import METHODS, ConceptMap, concept_map
-from auditor.engine.relevance import category_of
+from auditor.engine.trace import trace, trace_image
+from auditor.engine.categories import category_of
 from auditor.errors import AuditorError
-
 
 
 @dataclass
@@ -40,22 +40,24 @@ class PromptMaps:
     image: object  # PIL.Image
     concepts: list[ConceptMaps]
     relevance_sha256: str | None = None
+    reading: object = None  # an ImageReading when the maps were read from a given image, not generated
 
 
 def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relevance=None) -> list[ConceptMaps]:
     """The concepts to map: ``words`` if given, else the prompt's concepts the lexicon knows.
 
     Concepts come from ``auditor.concepts.extract`` (role-aware categories: "orange" as a modifier is a colour)."""
-    extracted = extract(prompt, pipe.tokenizer)
+    tokens = text_sequence(pipe)  # the columns the denoiser reads (a transformer's are not one tokenizer's)
+    extracted = extract(prompt, tokens)
     shown = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-    extracted.refuse_if_truncated(f"prompt {shown!r}", pipe.tokenizer)
+    extracted.refuse_if_truncated(f"prompt {shown!r}", tokens)
     found = list(extracted.items)
     cats = relevance.category_limit if relevance is not None else None
     out: list[ConceptMaps] = []
     if words:
         for w in words:
             try:
-                idx = word_indices(prompt, w, pipe.tokenizer).indices
+                idx = word_indices(prompt, w, tokens).indices
             except KeyError as exc:
                 raise AuditorError(f"--concept {w!r}: {exc.args[0]}") from None
             known = next((c for c in found if c.text.lower() == w.lower() and c.category != "unknown"), None)
@@ -73,24 +75,46 @@ def prompt_concepts(prompt: str, pipe, words: Sequence[str] | None = None, relev
     return out
 
 
-def prompt_maps(pipe, prompt: str, words: Sequence[str] | None = None, methods: Sequence[str] = ("selective",),
-                k: int | None = None, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
-                relevance=None, height: int | None = None, width: int | None = None) -> PromptMaps:
-    """Generate one image for ``prompt`` under trace and build every concept's map by every method."""
+def _checked_concepts(prompt, pipe, words, methods, relevance) -> list[ConceptMaps]:
     for m in methods:
         if m not in METHODS:
             raise AuditorError(f"unknown map method {m!r}; expected one of {', '.join(METHODS)} or 'all'")
     concepts = prompt_concepts(prompt, pipe, words, relevance)
     if not concepts:
         raise AuditorError(f"no concept in {prompt!r} that the lexicon knows: name one with --concept WORD")
+    return concepts
+
+
+def _mapped(tr, concepts: list[ConceptMaps], methods, relevance, k) -> list[ConceptMaps]:
+    for c in concepts:
+        for m in methods:
+            c.maps[m] = concept_map(tr, c.token_indices, m, relevance, c.category, k)
+    return concepts
+
+
+def prompt_maps(pipe, prompt: str, words: Sequence[str] | None = None, methods: Sequence[str] = ("selective",),
+                k: int | None = None, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5,
+                relevance=None, height: int | None = None, width: int | None = None) -> PromptMaps:
+    """Generate one image for ``prompt`` under trace and build every concept's map by every method."""
+    concepts = _checked_concepts(prompt, pipe, words, methods, relevance)
     g = torch.Generator("cpu").manual_seed(seed)
     size = {k_: v for k_, v in (("height", height), ("width", width)) if v}
     with trace(pipe, relevance=relevance) as tr:
         image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, **size).images[0]
-    for c in concepts:
-        for m in methods:
-            c.maps[m] = concept_map(tr, c.token_indices, m, relevance, c.category, k)
-    return PromptMaps(prompt, seed, steps, image, concepts, relevance.sha256 if relevance is not None else None)
+    return PromptMaps(prompt, seed, steps, image, _mapped(tr, concepts, methods, relevance, k),
+                      relevance.sha256 if relevance is not None else None)
+
+
+def image_prompt_maps(pipe, image, prompt: str, words: Sequence[str] | None = None,
+                      methods: Sequence[str] = ("selective",), k: int | None = None, seed: int = 0,
+                      timesteps: Sequence[int] | None = None, draws: int = 1, relevance=None) -> PromptMaps:
+    """Every concept's map by every method, read from a given image with ``prompt`` (``trace_image``): nothing
+    is generated."""
+    concepts = _checked_concepts(prompt, pipe, words, methods, relevance)
+    given = load_image(image)
+    tr = trace_image(pipe, given, prompt, timesteps=timesteps, seed=seed, draws=draws, relevance=relevance)
+    return PromptMaps(prompt, seed, 0, given, _mapped(tr, concepts, methods, relevance, k),
+                      relevance.sha256 if relevance is not None else None, tr.reading)
 
 
 # --- pictures -------------------------------------------------------------------------------------------------
@@ -138,6 +162,9 @@ def save_prompt_maps(result: PromptMaps, out_dir) -> dict:
         raise AuditorError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
     record = {"prompt": result.prompt, "seed": result.seed, "steps": result.steps, "image": str(out / "image.png"),
               "relevance_sha256": result.relevance_sha256, "concepts": []}
+    if result.reading is not None:  # the maps were read from a given image: say how (the seed seeded the noise)
+        record["reading"] = result.reading.to_json()
+        del record["steps"]
     for i, c in enumerate(result.concepts):
         slug = re.sub(r"[^a-z0-9]+", "-", c.text.lower()).strip("-") or "concept"
         path = out / f"{i:02d}-{slug}.png"

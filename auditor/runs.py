@@ -3,27 +3,35 @@ finished generation committed to the run store, then the summary and the reports
 stopped: finished generations are never redone, and each generation depends only on its own prompt and seed, so
 the final results equal an uninterrupted run's.
 
-Stages are functions over records (``generation_record`` is the whole per-image audit); the CLI and the store are
-the edges.
+Stages are functions over records: ``tasks`` plans the run and does each task, ``image_record`` is the whole
+per-image audit, ``run_checks`` refuses bad values before anything is written; the store is the edge, and the CLI
+hands in how the reports are published.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
+from auditor.engine import image_read as ir
+from auditor.engine.maps import MASK_POLICY
+from auditor.engine.models import load_model
 from auditor.errors import AuditorError, GateFailure
-
-FAIL_ON = ("missing", "misplaced", "misinterpreted", "any")
-SHOWN_METHODS = ("selective", "all_heads")  # stored per concept; the report shows them side by side
-_SIDE_WORDS = ("left", "right", "top", "bottom")
+from auditor.executors import ExecutionOptions, open_executor
+from auditor.given_images import plan_given_images
+from auditor.manifest import manifest_base, new_run_id
+from auditor.profile import profile_for
+from auditor.registry import DEFAULT_MODEL
+from auditor.resources import find_suite
+from auditor.run_checks import (check_image_size, check_model_values, check_resume, check_values, image_size,
+                                resumed_settings, sha256_of)
+from auditor.store import RELEVANCE_NAME, RunStore, release_lock, run_lock
+from auditor.suites import load_suite
+from auditor.summary import summarise
+from auditor.tasks import TaskSettings, plan_tasks, task_row
 
 
 @dataclass
@@ -45,6 +53,19 @@ class AuditOptions:
     variant: str | None = None  # the weight files' variant (fp16); None: the plain files, or on resume the run's
     height: int | None = None  # image size; None: the suite's resolution, or on resume the run's
     width: int | None = None
+    # how generations run (none of it changes the results, so a resume may choose differently): auditor.executors
+    executor: str = "local"
+    batch_size: int = 1
+    ray_address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float = 0.0
+    # given images instead of generations (auditor.given_images): a folder or manifest.jsonl, and how to read them
+    images: str | None = None
+    timesteps: list[int] | None = None  # None: auditor.engine.image_read.default_timesteps
+    draws: int = 1
+
+    def execution(self):
+        return ExecutionOptions(self.executor, self.batch_size, self.ray_address, self.workers, self.gpus_per_worker)
 
 
 @dataclass
@@ -69,125 +90,11 @@ class AuditResult:
 # --- per generation ---------------------------------------------------------------------------------------------
 
 
-def candidate_categories(concept, usable: set[str]) -> list[str]:
-    """The categories a word can belong to (by the lexicon, any role), among those the model has heads for."""
-    from auditor.lexicon import lookup
-
-    found = [concept.category] + [lookup(concept.lemma or concept.text, r) for r in ("attribute", "object")]
-    found += [lookup(concept.text, r) for r in ("attribute", "object")]
-    return [c for c in dict.fromkeys(found) if c in usable]
-
-
-def side_of(position_text: str) -> str | None:
-    words = position_text.lower().split()
-    return next((w for w in _SIDE_WORDS if w in words), None)
-
-
-def scored_concepts(concepts) -> list:
-    """The concepts that get maps and verdicts: visible roles with tokens inside the model's window."""
-    from auditor.concepts import VISIBLE_ROLES
-
-    return [c for c in concepts.items if c.role in VISIBLE_ROLES and c.token_indices and not c.negated]
-
-
-def generation_record(tr, concepts, profile, image=None, k: int | None = None) -> tuple[list[dict], dict, dict]:
-    """Maps, scores and flags of every scored concept of one traced generation (``image``, the generated one, for
-    the image-side scores: is a colour word's colour drawn, does an object's map peak on anything drawn).
-
-    Selective maps take each category's top heads and k from ``profile`` (``auditor.profile.AuditProfile``; ``k``
-    overrides its k for every category); the category response reads its HRV matrix. An uncalibrated profile
-    gives scores and no flags.
-
-    Returns (concept records, maps {"<i>_<method>": raw map}, normalised maps for overlays). Attribute bindings
-    (``binds_to``) index this list, so a record stands on its own."""
-    from auditor.diagnostics import ConceptView, diagnose
-    from auditor.engine.maps import category_response, concept_map, normalise
-
-    relevance = profile.relevance
-    ranking = profile.maps_source
-    usable = {c for c in relevance.categories if relevance.ranks(c)}  # categories the category response can read
-    chosen = scored_concepts(concepts)
-    index = {c.id: i for i, c in enumerate(chosen)}
-    records, raw_maps, norms, views = [], {}, {}, []
-    for i, c in enumerate(chosen):
-        method = "selective" if ranking.ranks(c.category) else "all_heads"
-        maps = {"selective": None, "all_heads": concept_map(tr, c.token_indices, "all_heads")}
-        if method == "selective":
-            maps["selective"] = concept_map(tr, c.token_indices, "selective", ranking, c.category, k)
-        primary = maps[method]
-        view = ConceptView(index=i, text=c.text, role=c.role, category=c.category, raw=primary.raw,
-                           binds_to=index.get(c.binds_to) if c.role == "attribute" else None)
-        cands = candidate_categories(c, usable)
-        if len(cands) > 1 and c.category in usable:
-            view.category_response = category_response(tr, c.token_indices, relevance, cands, profile.response_k)
-            view.expected_category = c.category
-        views.append(view)
-        rec = {"id": i, "text": c.text, "lemma": c.lemma, "role": c.role, "category": c.category,
-               "category_source": c.category_source, "binds_to": view.binds_to, "token_indices": list(c.token_indices),
-               "map_method": method}
-        if primary.k is not None:
-            rec["k"] = primary.k
-        if c.role == "object":
-            rec["count"] = c.count
-        if method != "selective":
-            rec["note"] = (f"no calibrated heads for category {c.category!r}: verdicts use the all-heads map")
-        if view.category_response:
-            rec["category_response"] = {k_: round(v, 6) for k_, v in view.category_response.items()}
-        records.append(rec)
-        for name, m in maps.items():
-            if m is not None:
-                raw_maps[f"{i}_{name}"] = m.raw.astype(np.float16)
-                norms[f"{i}_{name}"] = normalise(m.raw)
-    # Where the prompt puts things: absolute positions and relations between objects.
-    for c in concepts.items:
-        if c.role == "position" and c.binds_to in index and side_of(c.text):
-            views[index[c.binds_to]].position = side_of(c.text)
-        if c.role == "relation" and c.subject in index and c.object in index:
-            views[index[c.subject]].relations.append((c.text.lower(), index[c.object]))
-    for v, rec in zip(views, records):
-        if v.position:
-            rec["position"] = v.position
-        if v.relations:
-            rec["relations"] = [{"relation": r, "object": o} for r, o in v.relations]
-    th = profile.judging_thresholds()
-    sc, flags = diagnose(views, th, None if image is None else np.asarray(image.convert("RGB")))
-    for i, rec in enumerate(records):
-        rec["scores"] = {k_: _clean(v) for k_, v in sc.get(i, {}).items()}
-        rec["flags"] = [f.to_json() for f in flags if f.concept == i]
-    return records, raw_maps, norms
-
-
-def _clean(v):
-    if isinstance(v, (float, np.floating)):
-        return round(float(v), 6)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
-
-def generate_one(pipe, prompt: str, seed: int, steps: int, guidance: float, resolution):
-    """One image under trace; the generator is seeded per (prompt, seed) so a resume reproduces it exactly."""
-    from auditor.engine.capture import trace
-
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    size = {"height": resolution[0], "width": resolution[1]} if resolution else {}
-    with trace(pipe) as tr:
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g, **size).images[0]
-    return image, tr
-
-
 # --- the run ------------------------------------------------------------------------------------------------------
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_manifest(argv, lm, suite, suite_path: Path, seeds, steps, guidance, resolution, device, dtype,
                    profile, k: int | None) -> dict:
-    from auditor.engine.maps import MASK_POLICY
-    from auditor.manifest import manifest_base
-
     m = manifest_base(argv)
     model = lm.to_json()
     relevance = profile.relevance
@@ -218,97 +125,37 @@ def build_manifest(argv, lm, suite, suite_path: Path, seeds, steps, guidance, re
     return m
 
 
-def _resumed_settings(run_dir: Path) -> tuple[dict, str | None]:
-    """The run's manifest, with the folder's lock kept (the returned key) for the rest of the resume. A folder that
-    differs from its records is refused: continuing it would hand over altered evidence under new checksums."""
-    from auditor.store import RunStore, acquire_lock
-
-    with RunStore.open(run_dir) as store:
-        altered = [p for p in store.verify() if "not recorded" not in p]  # a run from before records resumes
-        if altered:
-            raise store.integrity_error(altered, "it cannot be continued; audit again into a new folder")
-        return dict(store.manifest), acquire_lock(run_dir)
-
-
-def check_values(opts: AuditOptions) -> None:
-    """The options' values, refused as given (0 is a value, not "unset"), before anything is loaded."""
-    from auditor.store import MAX_SEED
-
-    if opts.fail_on is not None and opts.fail_on not in FAIL_ON:
-        raise AuditorError(f"--fail-on {opts.fail_on!r}: expected one of {', '.join(FAIL_ON)}")
-    if opts.steps is not None and opts.steps < 1:
-        raise AuditorError(f"--steps {opts.steps}: must be at least 1")
-    if opts.k is not None and opts.k < 1:
-        raise AuditorError(f"--k {opts.k}: must be at least 1 head")
-    for seed in opts.seeds or []:
-        if not 0 <= seed <= MAX_SEED:
-            raise AuditorError(f"--seeds: {seed} is out of range (0 to {MAX_SEED})")
-
-
-def check_generation_values(steps: int, seed: int, guidance: float, k: int | None) -> None:
-    """`maps` and `calibrate`: the generation options' values as given, before the model is loaded."""
-    from auditor.store import MAX_SEED
-
-    if steps < 1:
-        raise AuditorError(f"--steps {steps}: must be at least 1")
-    if not 0 <= seed <= MAX_SEED:
-        raise AuditorError(f"--seed {seed}: out of range (0 to {MAX_SEED})")
-    if not (np.isfinite(guidance) and guidance >= 0):
-        raise AuditorError(f"--guidance {guidance}: must be a finite number >= 0")
-    if k is not None and k < 1:
-        raise AuditorError(f"--k {k}: must be at least 1 head")
-
-
-def check_steps(steps: int, pipe) -> None:
-    """More denoising steps than the scheduler was trained with cannot be scheduled."""
-    trained = getattr(getattr(pipe, "scheduler", None), "config", {}).get("num_train_timesteps")
-    if trained and steps > int(trained):
-        raise AuditorError(f"--steps {steps}: the model's scheduler was trained with {trained} steps; use at most that")
-
-
-def check_model_values(steps: int, k: int | None, pipe, relevance) -> None:
-    """Values only the loaded model can judge: its scheduler's training steps, its number of heads, the matrix."""
-    check_steps(steps, pipe)
-    heads = len(relevance.head_names)
-    if k is not None and k > heads:
-        raise AuditorError(f"--k {k}: the model has {heads} cross-attention heads; use at most that")
-    matrix = np.asarray(relevance.matrix, dtype=np.float64)
-    if not np.isfinite(matrix).all():
-        bad = int((~np.isfinite(matrix)).sum())
-        raise AuditorError(f"relevance matrix {relevance.sha256[:12]}: {bad} of {matrix.size} values are NaN or "
-                           f"infinite; recalibrate (`auditor calibrate`) or pass another --relevance")
-
-
 def run_audit(opts: AuditOptions, argv: list[str] | None = None,
-              progress: Callable[[int, int], object] | None = None) -> AuditResult:
-    """The whole audit. ``progress(total, done)`` returns an object with ``update(n)`` (e.g. a tqdm bar)."""
-    from auditor.resources import find_suite
-    from auditor.store import release_lock
-    from auditor.suites import load_suite
+              progress: Callable[[int, int], object] | None = None,
+              publish: Callable[..., list[Path]] | None = None) -> AuditResult:
+    """The whole audit: every task generated (or read) and stored, the summary, then the reports.
 
+    Args:
+        opts: what to audit and how.
+        argv: the command line, recorded in the manifest.
+        progress: ``progress(total, done)`` returns an object with ``update(n)`` (e.g. a tqdm bar).
+        publish: ``publish(run_dir, pdf=...)`` writes the reports (the CLI passes ``report.render.publish``) while
+            the run folder is still locked; None writes none (the store holds every result).
+
+    Returns:
+        The ``AuditResult``; ``gate`` says why it fails ``opts.fail_on``, if it does.
+    """
     t0 = time.perf_counter()
     check_values(opts)
     suite_path = find_suite(opts.suite)
     suite = load_suite(suite_path)
     prior, resume_lock = None, None
     if opts.resume:
-        prior, resume_lock = _resumed_settings(Path(opts.resume))
+        prior, resume_lock = resumed_settings(Path(opts.resume))
     try:
         if prior is not None:
-            _check_resume(prior, opts, suite_path)
-        return _run(opts, argv, progress, t0, suite_path, suite, prior)
+            check_resume(prior, opts, suite_path)
+        return _run(opts, argv, progress, t0, suite_path, suite, prior, publish)
     finally:
         release_lock(resume_lock)
 
 
-def _run(opts, argv, progress, t0, suite_path, suite, prior) -> AuditResult:
-    from auditor.concepts import extract_many
-    from auditor.engine.models import load_model
-    from auditor.profile import profile_for
-    from auditor.report.render import publish
-    from auditor.store import RELEVANCE_NAME, RunStore, run_lock
-    from auditor.zoo import DEFAULT_MODEL
-
+def _run(opts, argv, progress, t0, suite_path, suite, prior, publish) -> AuditResult:
     model_spec = opts.model or ((prior or {}).get("model") or {}).get("path") or DEFAULT_MODEL
     if prior is not None and opts.model is None and ((prior.get("model") or {}).get("source") == "bundled"):
         model_spec = prior["model"]["name"]
@@ -318,18 +165,59 @@ def _run(opts, argv, progress, t0, suite_path, suite, prior) -> AuditResult:
     check_image_size(opts.height, opts.width)
     variant = opts.variant or ((prior or {}).get("model") or {}).get("variant")
 
-    lm = load_model(model_spec, opts.device, opts.dtype, opts.allow_pickle, variant)
+    # Ray workers load their own copies on their own devices: the driver's copy only reads the tokenizer, the
+    # scheduler and the fingerprint, so it stays off the GPUs the workers need.
+    lm = load_model(model_spec, "cpu" if opts.executor == "ray" else opts.device, opts.dtype, opts.allow_pickle,
+                    variant)
     resolution = image_size(opts.height, opts.width, (prior or {}).get("resolution") or suite.defaults.resolution,
                             lm.pipe)
     pipe = lm.pipe
     pipe.set_progress_bar_config(disable=True)
     profile = profile_for(lm, opts.profile, opts.relevance)
-    relevance = profile.relevance
-    th = profile.judging_thresholds()
     k = opts.k
-    check_model_values(steps, k, pipe, relevance)
-    manifest = build_manifest(argv, lm, suite, suite_path, seeds, steps, guidance, resolution, lm.device, lm.dtype,
-                              profile, k)
+    check_model_values(steps, k, pipe, profile.relevance)
+    given, reading = _given_images(opts, prior, suite, pipe)
+    settings = TaskSettings(steps, guidance, resolution, profile, k, reading)
+    with open_executor(opts.execution(), lm, settings, opts.device, opts.allow_pickle) as executor:
+        return _audit(opts, argv, progress, t0, suite_path, suite, prior, lm, seeds, settings, executor, given,
+                      publish)
+
+
+def _given_images(opts, prior, suite, pipe):
+    """(the given images, (timesteps, draws)) of an audit of given images, checked before anything is written;
+    (None, None) for an audit that generates. A resume reads the same images the same way or not at all."""
+    was = (prior or {}).get("given_images")
+    if prior is not None and was is None and (opts.images is not None or opts.timesteps or opts.draws != 1):
+        raise AuditorError(f"--resume {opts.resume}: the run generated its images; --images, --timesteps and "
+                           f"--draws read given images in a new run")
+    source = opts.images or (was or {}).get("source")
+    if source is None:
+        return None, None
+    ts = ir.check_timesteps(pipe, opts.timesteps or (was or {}).get("timesteps") or ir.default_timesteps(pipe))
+    draws = int(opts.draws if opts.draws != 1 or was is None else was.get("draws", 1))
+    if was is not None and (list(ts) != list(was.get("timesteps") or []) or draws != was.get("draws")):
+        raise AuditorError(f"--resume {opts.resume}: the run read its images at timesteps {was.get('timesteps')} "
+                           f"with {was.get('draws')} draw(s); a resume reads them the same way")
+    given = plan_given_images(source, suite, lambda path: ir.read_size(pipe, ir.image_shape(path)))
+    if was is not None and [g.to_json() for g in given] != was.get("images"):
+        raise AuditorError(f"--resume {opts.resume}: the images in {source} are not the ones the run started with")
+    return given, (ts, draws)
+
+
+def _audit(opts, argv, progress, t0, suite_path, suite, prior, lm, seeds, settings, executor,
+           given=None, publish=None) -> AuditResult:
+    """The run once the model is loaded and the executor started: manifest, store, every unfinished task."""
+    pipe, profile, k = lm.pipe, settings.profile, settings.k
+    relevance, th = profile.relevance, profile.judging_thresholds()
+    manifest = build_manifest(argv, lm, suite, suite_path, seeds, settings.steps, settings.guidance,
+                              settings.resolution, executor.device, lm.dtype, profile, k)
+    if given is not None:  # nothing was generated: no steps, guidance or size of this run's making
+        ts, draws = settings.reading
+        manifest.update({"seeds": sorted({g.seed for g in given}), "steps": None, "guidance": None,
+                         "resolution": None, "given_images": {
+                             "source": str(opts.images or prior["given_images"]["source"]), "timesteps": list(ts),
+                             "draws": draws, "noise_seed": "each image's seed (0 unless given)",
+                             "images": [g.to_json() for g in given]}})
     if prior is not None:
         if prior.get("model", {}).get("fingerprint") != lm.fingerprint:
             raise AuditorError(f"--resume {opts.resume}: the run was made with model {prior['model'].get('name')} "
@@ -339,13 +227,9 @@ def _run(opts, argv, progress, t0, suite_path, suite, prior) -> AuditResult:
             raise AuditorError(f"--resume {opts.resume}: the run used audit profile {was[:12]}, not "
                                f"{profile.sha256[:12]}; results judged by two profiles cannot be mixed")
         manifest["run_id"], manifest["start_time"] = prior["run_id"], prior["start_time"]
-    from auditor.manifest import new_run_id
-
     manifest.setdefault("run_id", new_run_id(manifest))
     run_dir = Path(opts.resume or opts.out or Path("reports") / manifest["run_id"])
-    extracted = extract_many(suite.prompts, tokenizer=pipe.tokenizer)
-    for p, cs in zip(suite.prompts, extracted):  # refused before anything is written
-        cs.refuse_if_truncated(f"{suite_path}: prompt {p.id!r}", pipe.tokenizer)
+    planned = plan_tasks(suite, suite_path, seeds, pipe, given)
     store = RunStore.create(run_dir, manifest)
     if prior is None and store.manifest.get("resumed_at"):  # the same run again into its own --out: a resume
         altered = [p for p in store.verify() if "not recorded" not in p]
@@ -357,31 +241,21 @@ def _run(opts, argv, progress, t0, suite_path, suite, prior) -> AuditResult:
             if RELEVANCE_NAME not in store.artifacts() and not (run_dir / RELEVANCE_NAME).exists():
                 store.save_relevance(relevance.categories, relevance.head_names, relevance.matrix)
             done = store.finished()
-            todo = [(p, cs, s) for p, cs in zip(suite.prompts, extracted) for s in seeds if (p.id, s) not in done]
-            skipped = len(suite.prompts) * len(seeds) - len(todo)
-            bar = progress(len(suite.prompts) * len(seeds), skipped) if progress else None
+            # the prompt as parsed: token indices refer to it (invisible characters removed, forms folded)
+            todo = [t for t in planned if (t.prompt_id, t.seed) not in done]
+            skipped = len(planned) - len(todo)
+            bar = progress(len(planned), skipped) if progress else None
             try:
-                for p, cs, seed in todo:
-                    # the prompt as parsed: token indices refer to it (invisible characters removed, forms folded)
-                    image, tr = generate_one(pipe, cs.prompt, seed, steps, guidance, resolution)
-                    concepts, raw_maps, norms = generation_record(tr, cs, profile, image, k)
-                    del tr
-                    overlays = _overlays(image, norms, concepts)
-                    row = {"prompt_id": p.id, "prompt": cs.prompt, "seed": int(seed), "tags": list(p.tags),
-                           "concepts": concepts}
-                    if cs.original is not None:
-                        row["prompt_as_given"], row["prompt_changes"] = cs.original, list(cs.changes)
-                    store.add_generation(row, image, raw_maps, overlays)
+                for task, res in executor.run(todo):  # in the order they finish (Ray); the store sorts them
+                    store.add_generation(task_row(task, res), res.image, res.raw_maps, res.overlays)
                     if bar is not None:
                         bar.update(1)
             finally:  # end the bar's line so an error message gets a line of its own
                 if bar is not None and hasattr(bar, "close"):
                     bar.close()
-            from auditor.summary import summarise
-
             summary = summarise(store.generations(), suite.acceptance, None if th is None else th.max_flag_rate)
             store.finish(summary)
-        files = publish(run_dir, pdf=opts.pdf)
+        files = publish(run_dir, pdf=opts.pdf) if publish is not None else []
     result = AuditResult(run_dir, summary, files, len(todo), skipped, time.perf_counter() - t0)
     result.gate = gate(summary, opts.fail_on)
     return result
@@ -395,48 +269,6 @@ def _finished_generations_kept(run_dir: Path):
         yield
     except AuditorError as exc:
         raise AuditorError(f"{exc}; finished generations are kept (continue with --resume {run_dir})") from None
-
-
-def _overlays(image, norms: dict, concepts: list[dict]) -> dict:
-    from auditor.prompt_maps import overlay
-
-    return {key: overlay(image, m, alpha=0.55) for key, m in norms.items()}
-
-
-def check_image_size(height: int | None, width: int | None) -> None:
-    for name, value in (("--height", height), ("--width", width)):
-        if value is not None and (value < 8 or value % 8):
-            raise AuditorError(f"{name} {value}: must be a positive multiple of 8 (the VAE's downsampling)")
-
-
-def image_size(height: int | None, width: int | None, default, pipe) -> tuple[int, int] | None:
-    """(height, width) to generate: --height/--width over ``default`` (the suite's or resumed run's resolution); one
-    given alone keeps the other side of ``default``, or of the model's native square size. None: the model's own."""
-    check_image_size(height, width)
-    if height is None and width is None:
-        return tuple(default) if default else None
-    if not default:
-        native = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
-        default = (native, native)
-    return (int(height or default[0]), int(width or default[1]))
-
-
-def _check_resume(prior: dict, opts: AuditOptions, suite_path: Path) -> None:
-    """Refuse to continue a run with another suite or other settings: the results would mix two audits."""
-    suite = prior.get("suite") or {}
-    if suite.get("sha256") and suite_path.is_file() and sha256_of(suite_path) != suite["sha256"]:
-        raise AuditorError(f"--resume {opts.resume}: the run audited suite {suite.get('path')} "
-                           f"(sha256 {suite['sha256'][:12]}); {suite_path} differs")
-    if opts.seeds and list(opts.seeds) != list(prior.get("seeds") or []):
-        raise AuditorError(f"--resume {opts.resume}: the run used seeds {prior.get('seeds')}, not {opts.seeds}")
-    if opts.steps and int(opts.steps) != int(prior.get("steps") or 0):
-        raise AuditorError(f"--resume {opts.resume}: the run used {prior.get('steps')} steps, not {opts.steps}")
-    was = prior.get("resolution")
-    for name, value, side in (("--height", opts.height, 0), ("--width", opts.width, 1)):
-        if value is not None and (not was or int(was[side]) != value):
-            size = f"{was[0]}x{was[1]}" if was else "the model's native size"
-            raise AuditorError(f"--resume {opts.resume}: the run's images are {size} (height x width), "
-                               f"not {name} {value}")
 
 
 def gate(summary: dict, fail_on: str | None) -> str | None:

@@ -33,8 +33,9 @@ from pydantic import model_validator
 
 from auditor import lexicon
 from auditor.errors import AuditorError
+from auditor.vocabulary import GATE_TYPES
+from auditor.concepts import extract_many
 
-FLAG_TYPES = ("missing", "misplaced", "misinterpreted", "any")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MAX_SEED = 2 ** 63 - 1  # the run store keeps seeds as SQLite integers (auditor.store.MAX_SEED)
 
@@ -140,7 +141,7 @@ class Prompt(_Model):
 
 
 class Acceptance(_Model):
-    max_flag_rate: dict[Literal["missing", "misplaced", "misinterpreted", "any"], float] = Field(default_factory=dict)
+    max_flag_rate: dict[Literal[GATE_TYPES], float] = Field(default_factory=dict)
     max_flag_rate_per_category: dict[StrictStr, float] = Field(default_factory=dict)
     required_categories: tuple[StrictStr, ...] = ()
 
@@ -369,8 +370,6 @@ class SuiteCheck:
 def check_suite(suite: Suite, tokenizer=None) -> SuiteCheck:
     """Extract every prompt's concepts and summarise; a required category no prompt covers is an error."""
     from collections import Counter
-
-    from auditor.concepts import extract_many
 
     cats, roles, tags, warnings = Counter(), Counter(), Counter(), []
     for p, cs in zip(suite.prompts, extract_many(suite.prompts, tokenizer)):

@@ -10,7 +10,8 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-FLAG_TYPES = ("missing", "misplaced", "misinterpreted")
+from auditor.vocabulary import FLAG_TYPES
+
 UNCATEGORISED = "uncategorised"
 FIDELITY_DEFINITION = ("the share of (concept, seed) pairs with no flag: every concept of every prompt, in every "
                        "seed's image, counts once; 1.0 means no diagnostic fired anywhere")

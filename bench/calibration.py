@@ -4,7 +4,7 @@
     .venv/bin/python bench/calibration.py --budget 256    # as many prompts as the shipped matrix
     .venv/bin/python bench/calibration.py --relevance PATH.npz
 
-Runs the engine's own calibration voter (``auditor.engine.relevance``: one word per lexicon category drawn per step,
+Runs the engine's own calibration voter (``auditor.engine.hrv``: one word per lexicon category drawn per step,
 every head votes for the category it attends to most) on shapes-grammar prompts from a seed the shipped matrix did
 not use (``PROMPT_SEED``; the shipped one used seed 0), 20 steps, guidance 5, and snapshots the votes at growing
 budgets. At each budget n, per category, the Jaccard similarity of the top-k head sets:
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from auditor.engine.capture import tapped  # noqa: E402
-from auditor.engine.relevance import ORIGINAL_BUDGET, ConceptBank, _Voter, jaccard_topk, normalise_rows  # noqa: E402
+from auditor.engine.hrv import ConceptBank, _Voter  # noqa: E402
+from auditor.engine.relevance import ORIGINAL_BUDGET, jaccard_topk, normalise_rows  # noqa: E402
 from auditor.zoo import lexicon  # noqa: E402
 from auditor.zoo.grammar import sample_prompts  # noqa: E402
 

@@ -91,7 +91,8 @@ def unet_step(pipe, side: int, rounds: int = 9, reps: int = 10) -> dict:
     """One guided UNet evaluation (batch 2: unconditional + conditional), plain vs traced, alternating rounds of
     ``reps`` calls; the fastest call of each side. This isolates the per-step cost from text encoding, decoding
     and trace set-up, and other work on the cores only ever adds time, so minima are the stable view."""
-    from auditor.engine.capture import Trace, tapped
+    from auditor.engine.capture import tapped
+    from auditor.engine.trace import Trace
 
     latent = side // pipe.vae_scale_factor
     x = torch.randn(2, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(0))

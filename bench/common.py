@@ -95,7 +95,7 @@ def traced_batch(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS,
     Returns (images uint8 [n, side, side, 3], per-segment traces). Segment ``q`` is a shallow copy of the trace
     whose buffers hold only the attention of its own steps, so everything in ``auditor.engine.maps`` works on it
     (a map of a window is the mean over the window's steps)."""
-    from auditor.engine.capture import trace
+    from auditor.engine.trace import trace
 
     bounds = segment_bounds(steps, segments)
     snaps: list[dict] = []

@@ -3,7 +3,7 @@
     .venv/bin/python bench/diagnostics.py tune   # shapes-v1 on the TUNING prompts -> auditor/thresholds.json
     .venv/bin/python bench/diagnostics.py eval   # shapes-v2 defects (precision / recall) + shapes-v1 false flags
 
-Both modes run exactly what an audit runs for one image (``auditor.runs.generate_one`` + ``generation_record``:
+Both modes run exactly what an audit runs for one image (``auditor.tasks.generate_one`` + ``image_record.generation_record``:
 the same concept extraction, selective maps, scores and flags) and check the image with the shapes-world oracle.
 
 Prompt sets (grammar prompts, ``auditor.zoo.grammar.sample``; disjoint by construction and checked by text):
@@ -244,7 +244,8 @@ def mention_of(s, concept) -> tuple[int, str] | None:
 def generate(lm, profile, samples: list, tag: str, keep_maps: bool = True) -> list[dict]:
     """One generation per sample (seed = its index in the set), cached; records as an audit writes them."""
     from auditor.concepts import extract_many
-    from auditor.runs import generate_one, generation_record, scored_concepts
+    from auditor.image_record import generation_record, scored_concepts
+    from auditor.tasks import generate_one
 
     key = hashlib.sha256(json.dumps([lm.fingerprint, maps_key(profile), STEPS, GUIDANCE,
                                      [s.prompt for s in samples]]).encode()).hexdigest()[:12]

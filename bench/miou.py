@@ -52,6 +52,7 @@ import common  # noqa: E402
 from stats import bootstrap_mean, iou, paired_difference  # noqa: E402
 
 from auditor.align import align_spans  # noqa: E402
+from auditor.engine.heads import layer_of  # noqa: E402
 from auditor.engine.maps import binarize, concept_map, daam_weights, head_weights  # noqa: E402
 from auditor.zoo.grammar import sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
@@ -511,7 +512,7 @@ def analyse(tune: dict, test: dict, rm, log) -> dict:
     res["per_layer_all_heads"] = {}
     layers = tune["meta"]["layers"]
     for li, name in enumerate(layers):
-        w = np.array([n.split("#")[0] == name for n in tune["meta"]["head_names"]], np.float32)[None]
+        w = np.array([layer_of(n) == name for n in tune["meta"]["head_names"]], np.float32)[None]
         res["per_layer_all_heads"][name] = {"grid": tune["meta"]["grids"][name],
                                             **ci(score(test, lambda c: w)[:, 0], gens["test"])}
 

@@ -51,7 +51,7 @@ def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from auditor.zoo import arch
-    from auditor.zoo.bpe import load_tokenizer
+    from auditor.tokenizer import load_tokenizer
     from auditor.zoo.grammar import sample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

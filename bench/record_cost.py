@@ -1,4 +1,4 @@
-"""CPU time of the per-image audit work after generation (maps, scores, flags: ``runs.generation_record``).
+"""CPU time of the per-image audit work after generation (maps, scores, flags: ``image_record.generation_record``).
 
     PYTHONPATH=. .venv/bin/python bench/record_cost.py              # this checkout
     PYTHONPATH=../old .venv/bin/python bench/record_cost.py         # another checkout, same interpreter
@@ -24,7 +24,7 @@ def main() -> None:
     from auditor.engine.models import load_model
     from auditor.resources import find_suite
     from auditor.suites import load_suite
-    import auditor.runs as R
+    import auditor.image_record as R
 
     torch.set_num_threads(1)
     lm = load_model("shapes-v1", device="cpu")
@@ -36,7 +36,7 @@ def main() -> None:
 
         args = (profile_for(lm),)
     else:  # the code before audit profiles
-        from auditor.engine.relevance import relevance_for
+        from auditor.engine.hrv import relevance_for
         from auditor.thresholds import load
 
         th = load()

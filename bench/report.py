@@ -704,6 +704,69 @@ def selfcal_section(r: dict) -> str:
     return "\n".join(L)
 
 
+def image_maps_section(r: dict) -> str:
+    """Maps and flags read from given images (trace_image) against generation-time ones, on ground truth."""
+    L = ["## Maps of given images", ""]
+    L += ["`auditor.trace_image` (`auditor maps --image`, `auditor audit --images`) reads an image that already exists: "
+          "the model's VAE encodes it, it is noised to a few timesteps of the training schedule with seeded noise, "
+          "and the denoiser reads each noised copy once with the prompt. Three checks on the ground truth the other "
+          "benchmarks use (`bench/image_maps.py`): the mIoU bench's images read back by shapes-v1 against the maps "
+          "captured while they were generated; the flags of the diagnostics bench's HEALTHY-EVAL generations read "
+          "back against their generation-time flags; shapes-v2's DEFECT-EVAL images read by shapes-v1 (one model "
+          "auditing another's outputs).", ""]
+    L += ["```sh", r["command"], "```", "", f"Machine: {machine_line(r)}.", ""]
+    m = r.get("miou")
+    if m:
+        t = m["test"]
+        L += [f"**mIoU, TEST split** ({t['concepts']} concepts, {t['generations']} images; default timesteps "
+              f"{m['default_timesteps']} = {m['default_fractions']} of the schedule, fixed before the bench ran; "
+              "Otsu masks, oracle truth; differences paired, 95% cluster-bootstrap intervals):", "",
+              "| map | captured during generation | read from the image | read minus generation |", "|---|---|---|---|"]
+        for name, label in (("selective", "selective (profile ranking, its k)"), ("all_heads", "all heads (DAAM)")):
+            e = t[name]
+            L.append(f"| {label} | {e['generation']:.3f} | {e['read']:.3f} | {signed(e['read_minus_generation'])} |")
+        L += ["", f"Read from images, selective minus DAAM: {signed(t['read_selective_minus_read_all_heads'])}.", "",
+              "Timestep sets on the TUNING split (the test split was read with the default only):", "",
+              "| fractions of the schedule | selective read | minus generation | all heads read | minus generation | "
+              "seconds per image |", "|---|---|---|---|---|---|"]
+        for name, e in m["tuning"].items():
+            L.append(f"| {', '.join(f'{x:g}' for x in e['fractions'])} | {e['selective']['read']:.3f} | "
+                     f"{signed(e['selective']['read_minus_generation'])} | {e['all_heads']['read']:.3f} | "
+                     f"{signed(e['all_heads']['read_minus_generation'])} | {e['seconds_per_image']:.2f} |")
+        L.append("")
+    f = r.get("flags")
+    if f:
+        lo, hi = f["agreement_ci95"]
+        L += [f"**Flags**: of {f['pairs']} (concept, image) pairs of shapes-v1's HEALTHY-EVAL generations, "
+              f"{f['agreement']:.1%} [{lo:.1%}, {hi:.1%}] get the same flag types read from the image as while "
+              f"generated (flagged or not: {f['flagged_or_not_agreement']:.1%}). Flag rate at generation "
+              f"{f['generation_flag_rate']['rate']:.1%}, read {f['read_flag_rate']['rate']:.1%}.", "",
+              "| flag type | both | generation only | read only |", "|---|---|---|---|"]
+        for typ, d in sorted(f["by_type"].items()):
+            L.append(f"| {typ} | {d['both']} | {d['generation_only']} | {d['read_only']} |")
+        L.append("")
+    v = r.get("v2")
+    if v:
+        L += ["**shapes-v2's images read by shapes-v1** (shapes-v1's profile and thresholds; truth by the oracle as in "
+              "Diagnostics), beside shapes-v2 audited while it generates:", "",
+              "| defect | read by v1: precision | recall | v2 at generation: precision | recall |", "|---|---|---|---|---|"]
+
+        def pr(d):
+            return (f"{d['precision']:.2f} [{d['precision_ci95'][0]:.2f}, {d['precision_ci95'][1]:.2f}] "
+                    f"({d['tp']}/{d['tp'] + d['fp']})", f"{d['recall']:.2f} [{d['recall_ci95'][0]:.2f}, "
+                    f"{d['recall_ci95'][1]:.2f}] ({d['tp']}/{d['tp'] + d['fn']})")
+        rows = list(v["read_by_v1"].items())
+        if v.get("green_misbound_per_prompt"):
+            rows.append(("green_misbound, per image", v["green_misbound_per_prompt"]["read_by_v1"]))
+        for name, d in rows:
+            g = v["v2_at_generation"].get(name) or v["green_misbound_per_prompt"]["v2_at_generation"]
+            L.append(f"| {name} | {' | '.join(pr(d))} | {' | '.join(pr(g))} |")
+        c, cg = v["control_flag_rate_read"], v["control_flag_rate_generation"]
+        L += ["", f"Control prompts' healthy concepts flagged: read {c['rate']:.1%} ({c['k']}/{c['n']}), at generation "
+              f"{cg['rate']:.1%} ({cg['k']}/{cg['n']}).", ""]
+    return "\n".join(L)
+
+
 # --- the document ------------------------------------------------------------------------------------------------
 
 
@@ -748,6 +811,9 @@ def main() -> None:
     diag = load("diagnostics")
     if diag and diag.get("self_calibration"):
         sections.append(("Thresholds without an oracle", selfcal_section(diag)))
+    given = load("image_maps")
+    if given:
+        sections.append(("Maps of given images", image_maps_section(given)))
     sections.append(("Costs summary", costs_section(results, elapsed)))
     for title, body in sections:
         doc = replace_section(doc, title, body)

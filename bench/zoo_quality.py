@@ -153,7 +153,7 @@ def defect_visibility(pipe, n: int, seed: int) -> dict:
 def localisation(pipe, pairs, imgs, seeds) -> dict | None:
     """Own-object vs other-object attention mass of each object word (all heads, and per head)."""
     try:
-        from auditor.engine.capture import trace
+        from auditor.engine.trace import trace
     except ImportError:
         return None
     from auditor.align import align_spans

@@ -14,7 +14,7 @@ def nlp():
 
 @pytest.fixture(scope="session")
 def clip_tokenizer():
-    from auditor.zoo.bpe import load_tokenizer
+    from auditor.tokenizer import load_tokenizer
 
     return load_tokenizer()
 

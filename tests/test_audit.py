@@ -180,9 +180,7 @@ def test_folder_with_another_run_and_resume_mismatch(cli, tiny_suite, tmp_path):
 
 
 def test_disk_full_keeps_finished_generations(cli, tiny_suite, tmp_path, monkeypatch):
-    import auditor.store as store
-
-    real = store.os.replace
+    real = os.replace  # the store's files and database are renamed into place with it
     calls = {"images": 0}
 
     def full_disk(src, dst):  # the second image's rename finds the disk full
@@ -192,13 +190,13 @@ def test_disk_full_keeps_finished_generations(cli, tiny_suite, tmp_path, monkeyp
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", full_disk)
+    monkeypatch.setattr(os, "replace", full_disk)
     run = tmp_path / "run"
     _one_line_error(cli("audit", str(tiny_suite), "--out", str(run), "--no-pdf"), "disk full", "kept")
     rows = sqlite3.connect(run / "run.sqlite").execute("SELECT prompt_id, seed FROM generations").fetchall()
     assert rows == [("p1", 0)]  # the first generation is kept, the failed one left nothing behind
     assert sorted(p.name for p in (run / "images").iterdir()) == ["p1__s0.png"]
-    monkeypatch.setattr(store.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     code, out, err = cli("audit", str(tiny_suite), "--resume", str(run), "--no-pdf", "--json")
     assert code == 0, err
     assert json.loads(out)["generated"] == 3 and json.loads(out)["resumed_skipped"] == 1

@@ -79,3 +79,17 @@ def test_suite_check_json_by_name(cli):
 def test_usage_error_exits_2(cli):
     code, _, err = cli("concepts")
     assert code == 2 and "Missing argument 'prompt'" in err and "Traceback" not in err
+
+
+def test_library_errors_are_told_in_the_cli_flags(cli, tmp_path):
+    """The library names its parameters (``model shapes-v9: ...``, ```variant=fp16```); the CLI says its flags."""
+    from auditor.cli import _in_flags
+
+    code, out, err = cli("audit", "shapes-default", "--model", "shapes-v9", "--out", str(tmp_path / "run"), "--no-pdf")
+    assert code == 2 and out == ""
+    assert err.startswith("auditor: error: --model shapes-v9: bundled model is not installed") and err.count("\n") == 1
+    assert _in_flags("model m: only fp16 weights: pass `variant=fp16`", "model") == \
+        "--model m: only fp16 weights: pass --variant fp16"
+    assert _in_flags("a.bin: refused; pass `allow_pickle=True` if you trust it", None) == \
+        "a.bin: refused; pass --allow-pickle if you trust it"
+    assert _in_flags("no matrix: `compute=True`", None) == "no matrix: `compute=True`"  # no flag of that name

@@ -68,11 +68,13 @@ _seed_text = st.one_of(st.lists(_ints, max_size=4).map(lambda xs: ",".join(map(s
        suite=st.sampled_from(["tiny", "missing", "text"]), junk=st.text(max_size=10))
 def test_audit_arguments_are_validated_never_replaced(tiny, capsys, monkeypatch, seeds, steps, k, fail_on, suite, junk):
     import auditor.engine.models as models
+    import auditor.runs as runs
 
     def reached(*args, **kwargs):
         raise _Reached
 
     monkeypatch.setattr(models, "load_model", reached)
+    monkeypatch.setattr(runs, "load_model", reached)  # the audit's own reference to it
     out = Path(tempfile.mkdtemp()) / "run"
     suite_arg = {"tiny": str(tiny), "missing": str(out.parent / "none.yaml"), "text": junk}[suite]
     argv = ["audit", suite_arg, "--out", str(out), "--no-pdf"]
@@ -104,11 +106,13 @@ _floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_f
 def test_maps_and_calibrate_values_are_validated_before_the_model_loads(capsys, monkeypatch, cmd, steps, seed, k,
                                                                           guidance, budget):
     import auditor.engine.models as models
+    import auditor.runs as runs
 
     def reached(*args, **kwargs):
         raise _Reached
 
     monkeypatch.setattr(models, "load_model", reached)
+    monkeypatch.setattr(runs, "load_model", reached)  # the audit's own reference to it
     out = Path(tempfile.mkdtemp()) / "out"
     argv = [cmd, *(["a red star"] if cmd == "maps" else []), "--out", str(out)]
     for name, value in (("--steps", steps), ("--seed", seed), ("--k", k), ("--guidance", guidance)):

@@ -236,7 +236,7 @@ KILLED_CREATOR = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(src, dst)
 
-    store.os.replace = replace_then_die
+    os.replace = replace_then_die
     store.RunStore.create(sys.argv[1], {"model": {"name": "m", "fingerprint": "f"}, "seeds": [0]})
 """)
 
@@ -255,13 +255,11 @@ def test_a_kill_while_creating_the_store_leaves_a_folder_the_rerun_reuses(tmp_pa
 
 @pytest.mark.parametrize("fail", ["replace", "sqlite"])
 def test_a_full_disk_while_creating_the_store_leaves_nothing_half_made(tmp_path, monkeypatch, fail):
-    import auditor.store as store_mod
-
     run = tmp_path / "run"
     if fail == "replace":
         def full(src, dst):
             raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr(store_mod.os, "replace", full)
+        monkeypatch.setattr(os, "replace", full)
     else:
         real_connect = sqlite3.connect
 
@@ -269,10 +267,10 @@ def test_a_full_disk_while_creating_the_store_leaves_nothing_half_made(tmp_path,
             if ".tmp-" in str(path):
                 raise sqlite3.OperationalError("database or disk is full")
             return real_connect(path, *a, **k)
-        monkeypatch.setattr(store_mod.sqlite3, "connect", full)
+        monkeypatch.setattr(sqlite3, "connect", full)
     with pytest.raises(AuditorError, match=r"run\.sqlite: cannot create the run database \(disk full\)") as err:
         RunStore.create(run, _manifest())
-    assert "\n" not in str(err.value) and f"--out {run}" in str(err.value)
+    assert "\n" not in str(err.value) and f"`out={run}`" in str(err.value)
     assert not (run / "run.sqlite").exists() and not list(run.glob(".*tmp-*"))
     monkeypatch.undo()
     with RunStore.create(run, _manifest()) as store:

@@ -18,7 +18,7 @@ def test_installed_package_finds_its_data(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=600)
     probe = (
-        "import auditor, auditor.resources as r\n"
+        "import auditor, auditor.resources as r, auditor.cli, auditor.concepts\n"
         "from auditor.zoo import bundled_models\n"
         "assert r.templates_dir().joinpath('report.html.j2').is_file()\n"
         "assert r.suites_dir().joinpath('shapes-default.yaml').is_file()\n"
@@ -33,6 +33,9 @@ def test_installed_package_finds_its_data(tmp_path):
     assert out.stdout.strip().startswith(str(target))
     for name in ("zoo/models/shapes-v1/profile.json", "zoo/models/shapes-v1/relevance.npz", "lexicon"):
         assert (target / "auditor" / name).exists() == (ROOT / "auditor" / name).exists(), name
+    # every subpackage of the source ships (pyproject lists them by name)
+    for init in (ROOT / "auditor").rglob("__init__.py"):
+        assert (target / init.relative_to(ROOT)).is_file(), init.relative_to(ROOT)
 
 
 @pytest.mark.parametrize("dist", ["diffusers", "transformers"])

@@ -10,9 +10,9 @@ import torch
 
 import tiny_pipelines as tp
 from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
-from auditor.engine.relevance import (
-    RelevanceMatrix, _Voter, calibrate, category_of, checkpoints, infer_category, jaccard_topk, relevance_for,
-)
+from auditor.engine.categories import category_of, infer_category
+from auditor.engine.hrv import _Voter, calibrate, relevance_for
+from auditor.engine.relevance import RelevanceMatrix, checkpoints, jaccard_topk
 from auditor.errors import AuditorError
 
 LEX = {"colour": ["red"], "animal": ["cat"], "vehicle": ["car"]}
@@ -175,7 +175,7 @@ def test_word_categories_lexicon_first_then_nearest_words():
 
 
 def test_calibration_prompts_shipped_and_chosen_per_model():
-    from auditor.engine.relevance import default_prompts, general_prompts
+    from auditor.engine.hrv import default_prompts, general_prompts
 
     general = general_prompts()
     assert len(general) >= 500 and len(set(general)) == len(general)

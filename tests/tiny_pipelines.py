@@ -81,7 +81,7 @@ def _build_sd(version: str, seed: int):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel
 
-    from auditor.zoo.bpe import load_tokenizer
+    from auditor.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     pipe = StableDiffusionPipeline(
@@ -97,7 +97,7 @@ def _build_sdxl(seed: int):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from auditor.zoo.bpe import load_tokenizer
+    from auditor.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     time_dim = 8

@@ -1,7 +1,9 @@
-"""Capture per-head cross-attention while a diffusers pipeline generates, without changing what it generates.
+"""The recorder: per-head cross-attention captured while a diffusers pipeline runs, without changing its output.
 
-``with trace(pipe) as tr: pipe(prompt, ...)`` swaps the processor of every cross-attention module (``attn2``) for
-one that computes the attention probabilities explicitly, returns exactly what the stock processor returns
+It knows nothing of maps (``auditor.engine.trace`` is what a user reads). Tapping a pipeline swaps the processor
+of every attention module that reads the text (a UNet's or PixArt's ``attn2``; SD3's and Flux's joint and
+single-stream attention, whose processors live in ``auditor.engine.capture_dit``) for one that computes the attention
+probabilities explicitly, returns exactly what the stock processor returns
 (``probs @ V``, same norms, mask, residual and rescale handling), and adds the probabilities of the conditional
 half of the classifier-free-guidance batch into one running sum per layer, ``[items, heads, h*w, tokens]`` on the
 model's device (an item is one (prompt, image) pair of the call). Memory does not depend on the number of steps.
@@ -11,9 +13,12 @@ when generation raises.
 Three light hooks feed the processors what they cannot see themselves:
 - ``pipe.encode_prompt`` (wrapped on the instance): the prompts and ``num_images_per_prompt`` of the call, and the
   start of a new generation (buffers are reset, so a trace holds the latest call);
-- a forward pre-hook on the UNet: one denoising evaluation, the latent size, and whether guidance doubled the batch
-  (read from the pipeline's own ``do_classifier_free_guidance``);
+- a forward pre-hook on the denoiser (``pipe.unet`` or ``pipe.transformer``): one denoising evaluation, the latent
+  size (for a transformer its patch grid), and whether guidance doubled the batch (read from the pipeline's own
+  ``do_classifier_free_guidance``, else from the flag its ``encode_prompt`` was given);
 - the step count against ``pipe._num_timesteps`` decides whether a step falls inside the timestep ``window``.
+A tap made with ``free_passes=True`` is fed denoiser calls made outside any pipeline call (reading a given image):
+every evaluation counts and none is a guidance pair.
 """
 
 from __future__ import annotations
@@ -22,13 +27,12 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from auditor.engine.heads import HeadIndex, cross_attention_modules
+from auditor.engine.heads import HeadIndex, denoiser_of, text_attention_modules
 from auditor.errors import AuditorError
 
 # Processors whose output is plain scaled-dot-product attention, so the explicit computation below reproduces it.
@@ -165,17 +169,21 @@ class Tap:
 
     needs_probs = True  # False: the subclass reads only queries, and attention keeps SDPA for every item
 
-    def __init__(self, pipe, window: tuple[float, float] = (0.0, 1.0)):
+    def __init__(self, pipe, window: tuple[float, float] = (0.0, 1.0), free_passes: bool = False):
         a, b = window
         if not 0.0 <= a < b <= 1.0:
             raise AuditorError(f"window must satisfy 0 <= start < end <= 1, got {window}")
-        if getattr(pipe, "unet", None) is None:
-            raise AuditorError(f"{type(pipe).__name__} has no UNet: trace works on UNet diffusion pipelines")
+        self.denoiser = denoiser_of(pipe)
+        # a transformer reads a patch grid, and its pipelines differ from the UNet ones in what the hooks see
+        self.transformer = self.denoiser is not getattr(pipe, "unet", None)
         self.pipe = pipe
         self.window = (float(a), float(b))
-        mods = cross_attention_modules(pipe.unet)
+        # denoiser calls made by the caller, not a pipeline: the pipeline's step total and guidance flag, left from
+        # its last call, say nothing about them
+        self.free_passes = bool(free_passes)
+        mods = text_attention_modules(self.denoiser)
         if not mods:
-            raise AuditorError(f"{type(pipe.unet).__name__} has no cross-attention modules to trace")
+            raise AuditorError(f"{type(self.denoiser).__name__} has no attention that reads the text to trace")
         self.modules = mods
         self.head_index = HeadIndex(tuple(n for n, _ in mods), tuple(int(m.heads) for _, m in mods))
         self.prompts: list[str] | None = None
@@ -183,7 +191,10 @@ class Tap:
         self.images_per_prompt = 1
         self.grids: dict[str, tuple[int, int]] = {}
         self.latent_size: tuple[int, int] | None = None
-        self.steps_seen = 0  # UNet evaluations in this generation
+        self.text_len: int | None = None  # text tokens the denoiser reads (a single-stream sequence starts with them)
+        self.encode_cfg = False  # the guidance flag encode_prompt was given (pipelines without the property)
+        self._last_timestep: float | None = None
+        self.steps_seen = 0  # denoiser evaluations in this generation
         self.steps_counted = 0  # those inside the window
         self.steps_total: int | None = None
         self._counting = False
@@ -191,16 +202,35 @@ class Tap:
 
     # --- hook callbacks ---------------------------------------------------------------------------------------
     def on_generation(self, prompts: list[str] | None, images_per_prompt: int,
-                      prompts_2: list[str] | None = None) -> None:
+                      prompts_2: list[str] | None = None, cfg: bool | None = None) -> None:
+        if self.transformer and self.prompts is not None and self.steps_seen == 0 and not self.free_passes:
+            # Flux's true guidance encodes the negative prompt right after the prompt, before any step: same call
+            return
+        self.encode_cfg = bool(cfg)
+        self._last_timestep = None
         self.prompts, self.images_per_prompt = prompts, max(int(images_per_prompt or 1), 1)
         self.prompts_2 = prompts_2
         self.steps_seen = self.steps_counted = 0
         self.grids = {}
         self.reset()
 
-    def on_step(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> None:
-        self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        total = getattr(self.pipe, "_num_timesteps", None)
+    def on_step(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                grid: tuple[int, int] | None = None, timestep: float | None = None) -> None:
+        """One denoiser evaluation: ``sample`` its input, ``grid`` the transformer's patch grid (None: the UNet's
+        latent, ``sample``'s last two sides), ``timestep`` its timestep when known."""
+        if (self.transformer and not self.free_passes and timestep is not None
+                and timestep == self._last_timestep):
+            # a second evaluation at one timestep is a guidance pass of its own (Flux's negative prompt, SD3's
+            # skip-layer guidance): not the prompt's attention, and not a step
+            self._counting = False
+            return
+        self._last_timestep = timestep
+        self.latent_size = tuple(grid) if grid is not None else (int(sample.shape[-2]), int(sample.shape[-1]))
+        total = None if self.free_passes else getattr(self.pipe, "_num_timesteps", None)
+        if total is None and self.transformer and not self.free_passes:
+            # PixArt keeps no step count: the scheduler was set for this call before its first step
+            ts = getattr(self.pipe.scheduler, "timesteps", None)
+            total = len(ts) if ts is not None and len(ts) else None
         self.steps_total = int(total) if total else None
         i = self.steps_seen
         self.steps_seen += 1
@@ -212,9 +242,9 @@ class Tap:
         batch = int(sample.shape[0])
         # The SD pipelines put [unconditional | conditional] in one batch when guidance is on.
         try:
-            cfg = bool(self.pipe.do_classifier_free_guidance)
+            cfg = not self.free_passes and bool(self.pipe.do_classifier_free_guidance)
         except (AttributeError, TypeError):
-            cfg = False
+            cfg = not self.free_passes and self.encode_cfg
         self.first_cond = batch // 2 if cfg and batch % 2 == 0 else 0
 
     def observer(self, layer_index: int, attn) -> Observer | None:
@@ -243,11 +273,17 @@ class Tap:
         if self.latent_size is None:
             return None
         f = int(getattr(self.pipe, "vae_scale_factor", 8) or 8)
+        if self.transformer:
+            from auditor.engine.capture_dit import latent_per_cell  # capture_dit imports this module
+
+            f *= latent_per_cell(self.denoiser)
         return self.latent_size[0] * f, self.latent_size[1] * f
 
 
 class _TapProcessor:
     """The attn2 processor installed while tapping: stock output, probabilities shown to the tap."""
+
+    is_tap = True
 
     def __init__(self, tap: Tap, layer_index: int):
         self.tap, self.layer_index = tap, layer_index
@@ -269,19 +305,29 @@ def _as_prompt_list(prompt) -> list[str] | None:
 @contextlib.contextmanager
 def tapped(tap: Tap):
     """Install ``tap`` on ``tap.pipe`` for the duration of the block; everything is put back on exit."""
+    from auditor.engine import capture_dit  # it imports this module (its processors reuse _explicit)
+
     pipe = tap.pipe
-    originals = []
-    for name, mod in tap.modules:
+    originals, installs = [], []
+    for i, (name, mod) in enumerate(tap.modules):
         proc = mod.processor
         kind = type(proc).__name__
-        if isinstance(proc, _TapProcessor):
+        if getattr(proc, "is_tap", False):
             raise AuditorError("this pipeline is already being traced (traces do not nest)")
-        if kind not in PLAIN_PROCESSORS:
-            raise AuditorError(f"cannot trace {name}: its attention processor {kind} is not plain attention "
-                               f"(supported: {', '.join(sorted(PLAIN_PROCESSORS))})")
+        make = capture_dit.processor_for(name, mod, proc) if tap.transformer else None
+        if make is None:
+            if kind not in PLAIN_PROCESSORS:
+                raise AuditorError(f"cannot trace {name}: its attention processor {kind} is not plain attention "
+                                   f"(supported: {', '.join(sorted(PLAIN_PROCESSORS))})")
+            make = _TapProcessor
         originals.append((mod, proc))
+        installs.append((mod, make(tap, i)))
 
     def pre_hook(module, args, kwargs):
+        if tap.transformer:
+            sample, grid, tap.text_len, t = capture_dit.step_inputs(module, args, kwargs)
+            tap.on_step(sample, None, grid, t)
+            return
         sample = args[0] if args else kwargs.get("sample")
         ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         tap.on_step(sample, ehs)
@@ -290,9 +336,9 @@ def tapped(tap: Tap):
     had_own_encode = "encode_prompt" in vars(pipe)
     handle = None
     try:
-        for i, (mod, _) in enumerate(originals):
-            mod.set_processor(_TapProcessor(tap, i))
-        handle = pipe.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        for mod, proc in installs:
+            mod.set_processor(proc)
+        handle = tap.denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
         if encode is not None:
             sig = inspect.signature(encode)
 
@@ -303,7 +349,7 @@ def tapped(tap: Tap):
                 except TypeError:
                     bound = kwargs
                 tap.on_generation(_as_prompt_list(bound.get("prompt")), bound.get("num_images_per_prompt", 1),
-                                  _as_prompt_list(bound.get("prompt_2")))
+                                  _as_prompt_list(bound.get("prompt_2")), bound.get("do_classifier_free_guidance"))
                 return encode(*args, **kwargs)
 
             pipe.encode_prompt = encode_and_note
@@ -318,219 +364,3 @@ def tapped(tap: Tap):
                 pipe.encode_prompt = encode
             else:
                 vars(pipe).pop("encode_prompt", None)
-
-
-class Trace(Tap):
-    """Per-layer sums of cross-attention probabilities of the latest generation, and the maps built from them.
-
-    ``buffers[layer]`` is ``[items, heads, h*w, T]`` (float32, model device): item ``p * images_per_prompt + i`` is
-    image ``i`` of prompt ``p``; T is every token column of the text sequence, or only ``tokens`` when given.
-    Sums run over the counted steps (``steps_counted``); maps divide by it.
-    """
-
-    def __init__(self, pipe, window=(0.0, 1.0), tokens: Iterable[int] | None = None, relevance=None):
-        super().__init__(pipe, window)
-        self.columns: tuple[int, ...] | None = None if tokens is None else tuple(sorted({int(t) for t in tokens}))
-        if self.columns is not None and (not self.columns or self.columns[0] < 0):
-            raise AuditorError(f"tokens must be non-negative token indices, got {tokens!r}")
-        self.relevance = relevance
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.seq_len: int | None = None
-
-    def reset(self) -> None:
-        self.buffers = {}
-
-    def on_attention(self, layer_index, attn, query, probs, rows, n) -> None:
-        name = self.head_index.layers[layer_index]
-        self.seq_len = int(probs.shape[-1])
-        if self.columns is not None:
-            if self.columns[-1] >= self.seq_len:
-                raise AuditorError(f"token index {self.columns[-1]} is past the text sequence ({self.seq_len} tokens)")
-            probs = probs[..., list(self.columns)]
-        shape = (probs.shape[0], probs.shape[1], n, probs.shape[3])
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape != shape:
-            # (a shape change means a new resolution or batch without a new encode_prompt: start this layer over)
-            buf = self.buffers[name] = torch.zeros(shape, dtype=torch.float32, device=probs.device)
-        (buf if probs.shape[2] == n else buf[:, :, rows]).add_(probs)
-
-    # --- reading ----------------------------------------------------------------------------------------------
-    @property
-    def layers(self) -> list[str]:
-        return list(self.head_index.layers)
-
-    @property
-    def head_names(self) -> tuple[str, ...]:
-        return self.head_index.names
-
-    @property
-    def n_items(self) -> int:
-        return next(iter(self.buffers.values())).shape[0] if self.buffers else 0
-
-    @property
-    def tokenizer(self):
-        return getattr(self.pipe, "tokenizer", None)
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-    def item(self, prompt_index: int = 0, image_index: int = 0) -> int:
-        n_prompts = len(self.prompts) if self.prompts else self.n_items // self.images_per_prompt
-        if not 0 <= prompt_index < max(n_prompts, 1) or not 0 <= image_index < self.images_per_prompt:
-            raise AuditorError(f"no generation for prompt {prompt_index}, image {image_index} "
-                               f"({n_prompts} prompt(s) x {self.images_per_prompt} image(s) traced)")
-        return prompt_index * self.images_per_prompt + image_index
-
-    def column(self, token: int) -> int:
-        """Buffer column of a token index of the text sequence."""
-        if self.columns is None:
-            if self.seq_len is not None and not 0 <= token < self.seq_len:
-                raise AuditorError(f"token index {token} is outside the text sequence ({self.seq_len} tokens)")
-            return int(token)
-        try:
-            return self.columns.index(int(token))
-        except ValueError:
-            raise AuditorError(f"token {token} was not recorded (trace(tokens=...) kept {list(self.columns)})") from None
-
-    def token_indices(self, word: str, prompt_index: int = 0, occurrence: int = 0) -> tuple[int, ...]:
-        """Token indices of ``word`` in the traced prompt (via ``auditor.align``)."""
-        from auditor.align import word_indices
-
-        if not self.prompts:
-            raise AuditorError("the traced call gave no prompt text (prompt_embeds?): use token indices instead")
-        if self.tokenizer is None:
-            raise AuditorError("the pipeline has no tokenizer to locate words: use token indices instead")
-        prompt = self.prompts[prompt_index]
-        second = self._prompt_2(prompt_index)
-        if second is None:
-            try:
-                span = word_indices(prompt, word, self.tokenizer, occurrence)
-            except KeyError as exc:
-                raise AuditorError(str(exc.args[0])) from None
-            if not span.indices:
-                raise AuditorError(f"{word!r} falls past the text encoder's token limit in {prompt!r}")
-            return span.indices
-        return self._indices_of_two(word, prompt, second, occurrence)
-
-    def _prompt_2(self, prompt_index: int) -> str | None:
-        """The prompt the second text encoder read for this item, when it differs from ``prompt``."""
-        if not self.prompts_2:
-            return None
-        second = self.prompts_2[prompt_index if len(self.prompts_2) > 1 else 0]
-        return None if second == self.prompts[prompt_index] else second
-
-    def _indices_of_two(self, word: str, prompt: str, second: str, occurrence: int) -> tuple[int, ...]:
-        """SDXL puts the two encoders' states side by side: text token i is token i of ``prompt`` (first encoder)
-        joined with token i of ``prompt_2`` (second). A word's columns are where either prompt has it, each prompt
-        read by its own tokenizer; a column where the other prompt has a different word would mix the two, so it
-        is refused rather than mapped."""
-        from auditor.align import word_indices
-
-        tokenizers = (self.tokenizer, getattr(self.pipe, "tokenizer_2", None) or self.tokenizer)
-        texts = (prompt, second)
-        found = []
-        for text, tok in zip(texts, tokenizers):
-            try:
-                span = word_indices(text, word, tok, occurrence)
-            except KeyError:
-                continue
-            if not span.indices:
-                raise AuditorError(f"{word!r} falls past the text encoder's token limit in {text!r}")
-            found += span.indices
-        if not found:
-            raise AuditorError(f"word {word!r} does not occur {occurrence + 1} time(s) in the prompt {prompt!r} "
-                               f"or its prompt_2 {second!r}")
-        tokens = []
-        for text, tok in zip(texts, tokenizers):
-            ids = tok(text, truncation=True)["input_ids"]
-            special = set(getattr(tok, "all_special_ids", ()))
-            tokens.append([None if i in special else i for i in ids])
-        for i in sorted(set(found)):
-            a, b = (t[i] if i < len(t) else None for t in tokens)
-            if a is not None and b is not None and a != b:
-                words = [tok.decode([x]).strip() for tok, x in zip(tokenizers, (a, b))]
-                raise AuditorError(f"{word!r}: text token {i} joins {words[0]!r} of the prompt with {words[1]!r} of "
-                                   f"prompt_2 (one per text encoder), so its map would mix two words; pass token "
-                                   f"indices to map it anyway, or generate with prompt_2 unset or equal to the prompt")
-        return tuple(sorted(set(found)))
-
-    def special_tokens(self, prompt_index: int = 0) -> dict[str, list[int]]:
-        """Token indices of the start token, end token and padding of a traced prompt (their maps on request)."""
-        ids = self.tokenizer(self.prompts[prompt_index], truncation=True)["input_ids"]
-        n = self.seq_len or getattr(self.tokenizer, "model_max_length", 77)
-        return {"start": [0], "end": [len(ids) - 1], "padding": list(range(len(ids), n))}
-
-    def maps(self, word: str | Sequence[int], method: str = "selective", k: int | None = None,
-             prompt_index: int = 0, image_index: int = 0, category: str | None = None, relevance=None,
-             occurrence: int = 0, size="image") -> np.ndarray:
-        """The word's map by ``method`` (selective | all_heads | bottom_k | weighted), normalised to [0, 1].
-
-        ``word`` may be a word of the prompt or token indices. Selective methods need a relevance matrix (given here,
-        to ``trace``, or found for the model by fingerprint) and the word's category (lexicon, else inferred)."""
-        return self.concept(word, method, k, prompt_index, image_index, category, relevance, occurrence, size).norm
-
-    def concept(self, word, method="selective", k=None, prompt_index=0, image_index=0, category=None,
-                relevance=None, occurrence=0, size="image"):
-        """Like ``maps`` but the full ``ConceptMap`` record (raw map, heads used, category, mask)."""
-        from auditor.engine import maps as _maps
-
-        idx = self._indices(word, prompt_index, occurrence)
-        if method != "all_heads":
-            relevance = relevance or self._relevance()
-            if category is None:
-                if isinstance(word, str):
-                    from auditor.engine.relevance import category_of
-
-                    category = category_of(word, self.pipe, relevance.category_limit).category
-                else:
-                    raise AuditorError(f"method {method!r} needs a category for token indices {list(word)}")
-        return _maps.concept_map(self, idx, method, relevance, category, k,
-                                 item=self.item(prompt_index, image_index), size=size)
-
-    def heads(self, word: str | Sequence[int], prompt_index: int = 0, image_index: int = 0, occurrence: int = 0,
-              size="latent"):
-        """Per-head maps of a word: ``HeadMaps(names, maps [H, h, w])``, at the largest latent grid by default."""
-        from auditor.engine import maps as _maps
-
-        idx = self._indices(word, prompt_index, occurrence)
-        t = _maps.head_maps(self, idx, item=self.item(prompt_index, image_index), size=size)
-        return _maps.HeadMaps(self.head_names, t.cpu().numpy())
-
-    def token_head_maps(self, token_indices: Sequence[int], item: int = 0, size="image") -> torch.Tensor:
-        """[H, h, w] per-head maps summed over ``token_indices`` (mean over counted steps), on the CPU."""
-        from auditor.engine import maps as _maps
-
-        return _maps.head_maps(self, list(token_indices), item=item, size=size).cpu()
-
-    def _indices(self, word, prompt_index, occurrence) -> tuple[int, ...]:
-        if not self.buffers:
-            raise AuditorError("nothing was traced: call the pipeline inside the `with trace(pipe)` block")
-        if isinstance(word, str):
-            return self.token_indices(word, prompt_index, occurrence)
-        return tuple(int(i) for i in word)
-
-    def _relevance(self):
-        """The head ranking selective maps use: the one given, else the model's audit profile's (shipped beside it
-        or cached for its fingerprint), else its cached head-relevance matrix."""
-        if self.relevance is not None:
-            return self.relevance
-        from auditor.engine.models import fingerprint_of, folder_of
-        from auditor.engine.relevance import find_for_pipe
-        from auditor.profile import find  # the profile is a domain record; only its ranking is read here
-
-        fp = fingerprint_of(self.pipe)
-        stored = find(fp, folder_of(self.pipe))
-        found = stored[0].maps_source if stored is not None else find_for_pipe(self.pipe, fp)
-        if found is None:
-            raise AuditorError("no audit profile or head-relevance matrix for this model: pass relevance=..., or "
-                               "run `auditor calibrate` first (method='all_heads' needs none)")
-        self.relevance = found
-        return found
-
-
-@contextlib.contextmanager
-def trace(pipe, window: tuple[float, float] = (0.0, 1.0), tokens: Iterable[int] | None = None, relevance=None):
-    """Record per-head cross-attention of every generation ``pipe`` runs inside the block (see ``Trace``)."""
-    tr = Trace(pipe, window=window, tokens=tokens, relevance=relevance)
-    with tapped(tr):
-        yield tr

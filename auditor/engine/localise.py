@@ -33,6 +33,7 @@ import torch
 from auditor.engine.maps import latent_head_maps
 from auditor.engine.relevance import checkpoints
 from auditor.errors import AuditorError
+from auditor.engine.trace import trace
 
 TOP_SHARE = 0.10  # the "top" of a map whose mass share is its concentration
 MIN_WORDS = 8  # calibration words a category needs for a ranking of its own
@@ -219,11 +220,28 @@ class HeadRanking:
                 "top_heads": {c: [self.head_names[i] for i in self.top_heads(c, top)] for c in self.categories}}
 
 
+def word_scores(pipe, prompts: Sequence[str], targets: Sequence[Sequence[WordTarget]], first: int, steps: int,
+                guidance_scale: float, seed: int, size: dict) -> tuple[tuple[str, ...], list]:
+    """One batch of the ranking: the prompts generated in one call (prompt ``first + j`` from seed ``seed + first +
+    j``), each target word's per-head concentration.
+
+    Returns:
+        (head names, [(prompt index, [(category, scores [heads] float64)])]).
+    """
+    gens = [torch.Generator("cpu").manual_seed(seed + first + j) for j in range(len(prompts))]
+    with trace(pipe) as tr:
+        pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+             output_type="latent", **size)
+    scored = [(first + j, [(t.category, concentration(latent_head_maps(tr, t.token_indices, item=j)).double().cpu()
+                            .numpy()) for t in words]) for j, words in enumerate(targets)]
+    return tr.head_names, scored
+
+
 def calibrate_localisation(pipe, prompts: Sequence[str], targets: Sequence[Sequence[WordTarget]], *,
                            steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, batch_size: int = 8,
                            first: int = MIN_BUDGET, height: int | None = None, width: int | None = None,
                            fingerprint: str | None = None, prompt_source: str = "",
-                           progress: Callable[[int], None] | None = None) -> HeadRanking:
+                           progress: Callable[[int], None] | None = None, mapper=None) -> HeadRanking:
     """Rank the heads of ``pipe`` by how concentrated their maps of the target words are.
 
     Args:
@@ -237,6 +255,8 @@ def calibrate_localisation(pipe, prompts: Sequence[str], targets: Sequence[Seque
             the earliest stop is at twice ``MIN_BUDGET`` prompts, so that the halves k is chosen on are not tiny.
         fingerprint, prompt_source: provenance recorded in the result.
         progress: called with the number of prompts each batch finished.
+        mapper: ``mapper(fn, jobs) -> [fn(pipe, *job) for job in jobs]``, e.g. an executor's ``map`` that spreads
+            the batches over Ray workers; None runs them here. Results are summed in prompt order either way.
 
     Returns:
         A ``HeadRanking``.
@@ -246,8 +266,6 @@ def calibrate_localisation(pipe, prompts: Sequence[str], targets: Sequence[Seque
         >>> hr = calibrate_localisation(pipe, ["a red circle"], [[WordTarget("shape", (3,))]])  # doctest: +SKIP
         >>> hr.top_heads("shape")  # doctest: +SKIP
     """
-    from auditor.engine.capture import trace
-
     if not prompts:
         raise AuditorError("calibration needs at least one prompt")
     if len(targets) != len(prompts):
@@ -268,30 +286,28 @@ def calibrate_localisation(pipe, prompts: Sequence[str], targets: Sequence[Seque
         return HeadRanking(cats, names, sums.copy(), counts.copy(), halves.copy(), half_counts.copy(), n_done,
                            steps, list(curve), converged, fingerprint, prompt_source, seed)
 
+    run = mapper or (lambda fn, jobs: [fn(pipe, *job) for job in jobs])
     for mark in marks:
-        while done < mark:
-            batch = list(prompts[done:min(done + batch_size, mark)])
-            gens = [torch.Generator("cpu").manual_seed(seed + done + j) for j in range(len(batch))]
-            with trace(pipe) as tr:
-                pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                     output_type="latent", **size)
+        # one job per batch up to the next checkpoint: the batches are the same whoever runs them
+        jobs = [(list(prompts[a:min(a + batch_size, mark)]), list(targets[a:min(a + batch_size, mark)]), a, steps,
+                 guidance_scale, seed, size) for a in range(done, mark, batch_size)]
+        for head_names, scored in run(word_scores, jobs):
             if names is None:
-                names = tr.head_names
+                names = head_names
                 H = len(names)
                 sums, counts = np.zeros((len(cats), H)), np.zeros(len(cats), np.int64)
                 halves, half_counts = np.zeros((2, len(cats), H)), np.zeros((2, len(cats)), np.int64)
-            for j, words in enumerate(targets[done:done + len(batch)]):
-                half = (done + j) % 2
-                for t in words:
-                    score = concentration(latent_head_maps(tr, t.token_indices, item=j)).double().cpu().numpy()
-                    for c in (cats.index(t.category), len(cats) - 1):
+            for i, words in scored:
+                half = i % 2
+                for category, score in words:
+                    for c in (cats.index(category), len(cats) - 1):
                         sums[c] += score
                         counts[c] += 1
                         halves[half, c] += score
                         half_counts[half, c] += 1
-            done += len(batch)
             if progress is not None:
-                progress(len(batch))
+                progress(len(scored))
+        done = mark
         now = snapshots[mark] = ranking(done)
         earlier = [m for m in snapshots if m <= mark / 2]
         if earlier:

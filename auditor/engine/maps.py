@@ -120,7 +120,12 @@ DAAM_SKIPPED_STAGES = ("mid_block",)
 
 
 def daam_weights(head_names: Sequence[str]) -> np.ndarray:
-    """[H] 1 for every head DAAM aggregates by default, 0 for the others."""
+    """[H] 1 for every head DAAM aggregates by default, 0 for the others.
+
+    DAAM has no transformer variant: a transformer's text-reading heads (``transformer_blocks.*``,
+    ``single_transformer_blocks.*``) have no mid block to leave out, so every one of them is aggregated. Their maps
+    are on the patch grid, which is the trace's ``latent_size`` for a transformer, so DAAM's upsampling to the
+    latent grid is the identity there."""
     return np.array([n.split(".", 1)[0] not in DAAM_SKIPPED_STAGES for n in head_names], dtype=np.float32)
 
 

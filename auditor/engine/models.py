@@ -1,6 +1,6 @@
-"""Resolve ``--model`` to a loaded pipeline, safely and offline, with a fingerprint of its weights.
+"""Resolve a model spec to a loaded pipeline, safely and offline, with a fingerprint of its weights.
 
-``--model`` is a bundled name (``shapes-v1``), a local diffusers folder (``model_index.json``), or a hub id, which
+A spec is a bundled name (``shapes-v1``), a local diffusers folder (``model_index.json``), or a hub id, which
 is used only when it is already in the local Hugging Face cache: nothing is ever downloaded. Weights load from
 safetensors; pickle checkpoints (.bin/.ckpt/.pt/.pth) are refused unless ``allow_pickle`` is set, because
 unpickling runs code. The fingerprint is a sha256 over the sorted relative paths and content hashes of the weight
@@ -19,15 +19,19 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from auditor import registry
+from auditor.engine.heads import denoiser_of
 from auditor.errors import AuditorError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "float16", "bfloat16")
-PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+             "PixArtAlphaPipeline", "PixArtSigmaPipeline")
 # The model families those pipelines load, in words (CLI help, errors).
-FAMILIES = "Stable Diffusion 1.x and 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+FAMILIES = ("Stable Diffusion 1.x and 2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), SD3/SD3.5 "
+            "(StableDiffusion3Pipeline), Flux (FluxPipeline) and PixArt-α/Σ (PixArtAlphaPipeline, PixArtSigmaPipeline)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -62,42 +66,31 @@ class LoadedModel:
 # --- resolution -----------------------------------------------------------------------------------------------
 
 
-def _bundled() -> dict[str, Path]:
-    try:
-        from auditor.zoo import bundled_models
-    except ImportError:  # the zoo package without its index: look at the folders themselves
-        from auditor.resources import zoo_dir
-
-        return {d.name: d for d in sorted((zoo_dir() / "models").glob("*")) if d.is_dir()}
-    return {m.name: Path(m.path) for m in bundled_models()}
-
-
 def resolve(spec: str) -> tuple[Path, str]:
-    """(diffusers folder, source) for ``--model``; an AuditorError naming ``spec`` when it is none of the three."""
-    bundled = _bundled()
+    """(diffusers folder, source) for a model spec; an AuditorError naming ``spec`` when it is none of the three."""
+    bundled = registry.installed_models()
     if spec in bundled:
         return bundled[spec], "bundled"
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
-            raise AuditorError(f"--model {spec}: a single checkpoint file is not supported; "
-                               "pass a diffusers folder (with model_index.json)")
+            raise AuditorError(f"model {spec}: a single checkpoint file is not supported; "
+                               "pass a diffusers folder (with model_index.json)", "model")
         if not (path / "model_index.json").is_file():
-            raise AuditorError(f"--model {spec}: no model_index.json in this folder (not a diffusers pipeline)")
+            raise AuditorError(f"model {spec}: no model_index.json in this folder (not a diffusers pipeline)", "model")
         return path, "local"
-    from auditor.resources import zoo_dir
-
-    if (zoo_dir() / "models" / spec).is_dir() or re.fullmatch(r"shapes-v\d+", spec):
-        raise AuditorError(f"--model {spec}: bundled model is not installed "
-                           f"(no {zoo_dir() / 'models' / spec / 'model_index.json'})")
+    owner = registry.owner_of(spec)
+    if owner is not None:
+        raise AuditorError(f"model {spec}: bundled model is not installed "
+                           f"(no {owner.folder / spec / 'model_index.json'})", "model")
     if _HUB_ID.match(spec):
         snap = _hub_cache_folder(spec)
         if snap is not None:
             return snap, "hub-cache"
-        raise AuditorError(f"--model {spec}: hub id not found locally and not available offline "
-                           "(auditor never downloads; put a diffusers folder on disk and pass its path)")
+        raise AuditorError(f"model {spec}: hub id not found locally and not available offline "
+                           "(auditor never downloads; put a diffusers folder on disk and pass its path)", "model")
     names = ", ".join(sorted(bundled)) or "none installed"
-    raise AuditorError(f"--model {spec}: not a bundled model ({names}), a local diffusers folder, or a hub id")
+    raise AuditorError(f"model {spec}: not a bundled model ({names}), a local diffusers folder, or a hub id", "model")
 
 
 def _hub_cache_folder(repo_id: str) -> Path | None:
@@ -131,10 +124,10 @@ def check_variant(folder: Path, variant: str | None, spec: str) -> None:
     named = sorted(v for v in found if v is not None)
     if variant is not None and variant not in found:
         have = f"it has {', '.join(named)}" if named else "it has only plain weight files"
-        raise AuditorError(f"--variant {variant}: no weight file of that variant in {folder} ({have})")
+        raise AuditorError(f"variant {variant}: no weight file of that variant in {folder} ({have})", "variant")
     if variant is None and named and None not in found:
-        raise AuditorError(f"--model {spec}: {folder} holds only the {', '.join(named)} variant of its weights "
-                           f"(e.g. model.{named[0]}.safetensors): pass --variant {named[0]}")
+        raise AuditorError(f"model {spec}: {folder} holds only the {', '.join(named)} variant of its weights "
+                           f"(e.g. model.{named[0]}.safetensors): pass `variant={named[0]}`", "model")
 
 
 def check_weights(folder: Path, allow_pickle: bool = False) -> None:
@@ -144,7 +137,7 @@ def check_weights(folder: Path, allow_pickle: bool = False) -> None:
     for p in files:
         if p.suffix in PICKLE_SUFFIXES and p.parent not in safe_dirs and not allow_pickle:
             raise AuditorError(f"{p}: pickle checkpoint refused (unpickling can run code); convert it to "
-                               "safetensors or pass --allow-pickle if you trust it")
+                               "safetensors or pass `allow_pickle=True` if you trust it")
         if p.suffix == ".safetensors":
             _check_safetensors(p)
 
@@ -218,20 +211,22 @@ _PIPE_FOLDERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def fingerprint_of(pipe) -> str | None:
     """The weights fingerprint of a pipeline: known if loaded here, else computed from its folder, else None."""
-    if pipe.unet in _PIPE_FINGERPRINTS:
-        return _PIPE_FINGERPRINTS[pipe.unet]
+    net = denoiser_of(pipe)
+    if net in _PIPE_FINGERPRINTS:
+        return _PIPE_FINGERPRINTS[net]
     folder = folder_of(pipe)
     if folder is None:
         return None
     fp = fingerprint(folder)
-    _PIPE_FINGERPRINTS[pipe.unet] = fp
+    _PIPE_FINGERPRINTS[net] = fp
     return fp
 
 
 def folder_of(pipe) -> Path | None:
     """The diffusers folder a pipeline was loaded from, when it came from disk."""
-    if pipe.unet in _PIPE_FOLDERS:
-        return _PIPE_FOLDERS[pipe.unet]
+    net = denoiser_of(pipe)
+    if net in _PIPE_FOLDERS:
+        return _PIPE_FOLDERS[net]
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or getattr(pipe, "name_or_path", None)
     if name and (Path(name) / "model_index.json").is_file():
         return Path(name)
@@ -245,16 +240,16 @@ def pick_device(device: str = "auto") -> str:
     import torch
 
     if device not in DEVICES:
-        raise AuditorError(f"--device {device}: expected one of {', '.join(DEVICES)}")
+        raise AuditorError(f"device {device}: expected one of {', '.join(DEVICES)}", "device")
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise AuditorError("--device cuda: no CUDA device is available")
+        raise AuditorError("device cuda: no CUDA device is available", "device")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise AuditorError("--device mps: no MPS device is available")
+        raise AuditorError("device mps: no MPS device is available", "device")
     return device
 
 
@@ -302,7 +297,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pi
     import torch
 
     if dtype not in DTYPES:
-        raise AuditorError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+        raise AuditorError(f"dtype {dtype}: expected one of {', '.join(DTYPES)}", "dtype")
     folder, source = resolve(spec)
     check_weights(folder, allow_pickle)
     check_variant(folder, variant, spec)
@@ -321,13 +316,13 @@ def load_model(spec: str, device: str = "auto", dtype: str = "float32", allow_pi
             pipe = cls.from_pretrained(str(folder), **kwargs)
     except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors alike
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AuditorError(f"--model {spec}: cannot load {folder}: {first}") from None
+        raise AuditorError(f"model {spec}: cannot load {folder}: {first}", "model") from None
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     if source == "bundled" and dev == "cpu":
         # The bundled model's tensors are tiny: a second intra-op thread buys nothing, and on a busy machine its
         # spin-waiting made generations 15-25x slower (docs/benchmarks.md).
         torch.set_num_threads(1)
-    _PIPE_FINGERPRINTS[pipe.unet] = fp
-    _PIPE_FOLDERS[pipe.unet] = folder
+    _PIPE_FINGERPRINTS[denoiser_of(pipe)] = fp
+    _PIPE_FOLDERS[denoiser_of(pipe)] = folder
     return LoadedModel(spec, folder, source, pipe, fp, dev, dtype, variant)

@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from auditor.errors import AuditorError
-from auditor.report.figures import Relevance, read_relevance, relevance_shift
+from auditor.report.figures import relevance_shift
+from auditor.run_relevance import Relevance, read_relevance
 from auditor.report.render import environment, page_args, write_pdf, write_text
 from auditor.store import RELEVANCE_NAME, RunStore, atomic_write, write_checksums
 from auditor.summary import concept_labels

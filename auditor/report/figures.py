@@ -3,42 +3,15 @@ relevance shift between two runs of one architecture."""
 
 from __future__ import annotations
 
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from auditor.engine.heads import layer_of, parse_head_name
 from auditor.errors import AuditorError
+from auditor.run_relevance import Relevance
 
 FLAG_COLOURS = {"missing": "#c0392b", "misplaced": "#e67e22", "misinterpreted": "#8e44ad"}
-
-
-@dataclass(frozen=True)
-class Relevance:
-    categories: list[str]
-    head_names: list[str]
-    matrix: np.ndarray  # [categories, heads]
-
-    def top(self, category: str, k: int) -> list[str]:
-        row = self.matrix[self.categories.index(category)]
-        order = sorted(range(len(row)), key=lambda i: (-row[i], i))  # ties broken by head order: stable across runs
-        return [self.head_names[i] for i in order[:k]]
-
-
-def read_relevance(path: Path) -> Relevance | None:
-    """The run's ``relevance.npz``, or None when the run has none."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            rel = Relevance([str(c) for c in z["categories"]], [str(h) for h in z["head_names"]],
-                            np.asarray(z["matrix"], dtype=np.float64))
-    except (EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
-        raise AuditorError(f"{path}: unreadable relevance matrix ({exc})") from None
-    if rel.matrix.shape != (len(rel.categories), len(rel.head_names)):
-        raise AuditorError(f"{path}: matrix shape {rel.matrix.shape} does not match its categories and heads")
-    return rel
 
 
 def short_layer(layer: str) -> str:
@@ -57,15 +30,18 @@ def short_layer(layer: str) -> str:
 
 def short_head(name: str) -> str:
     """'up_blocks.1.attentions.0.transformer_blocks.0.attn2#h3' -> 'up1.0 h3'."""
-    layer, _, head = name.partition("#")
-    return f"{short_layer(layer)} {head}".strip()
+    try:
+        layer, j = parse_head_name(name)
+    except ValueError:
+        return short_layer(name)
+    return f"{short_layer(layer)} h{j}"
 
 
 def layer_groups(head_names: list[str]) -> list[tuple[str, int, int]]:
     """(layer, first head, end) runs of consecutive heads of one layer, in matrix order."""
     groups: list[tuple[str, int, int]] = []
     for i, name in enumerate(head_names):
-        layer = name.split("#", 1)[0]
+        layer = layer_of(name)
         if groups and groups[-1][0] == layer:
             groups[-1] = (layer, groups[-1][1], i + 1)
         else:

@@ -14,12 +14,16 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
+from auditor.engine.heads import layer_of
 from auditor.errors import AuditorError
 from auditor.manifest import flatten
-from auditor.report.figures import Relevance, flag_bars, read_relevance, relevance_heatmap, short_head
+from auditor.report.figures import flag_bars, relevance_heatmap, short_head
+from auditor.run_relevance import Relevance, read_relevance
 from auditor.resources import templates_dir
+from auditor.run_folder import atomic_write
 from auditor.store import RELEVANCE_NAME, RunStore
-from auditor.summary import FLAG_TYPES, UNCATEGORISED, concept_labels
+from auditor.summary import UNCATEGORISED, concept_labels
+from auditor.vocabulary import FLAG_TYPES, SIDE_WORDS
 
 HTML_NAME = "report.html"
 # The PDF embeds images at print resolution: a map is printed 20 mm wide, so the templates ask for its 256 px overlay
@@ -131,8 +135,6 @@ def page_args(base_dir: Path, pdf: bool) -> dict:
 
 
 def write_text(path: Path, text: str) -> Path:
-    from auditor.store import atomic_write
-
     atomic_write(path, text.encode("utf-8"))
     return path
 
@@ -146,8 +148,6 @@ def pdf_bytes(html: str, base_dir: Path) -> bytes:
 
 def write_pdf(html: str, base_dir: Path, path: Path) -> Path:
     """Lay the HTML out for print and write it atomically (a reader never sees half a PDF)."""
-    from auditor.store import atomic_write
-
     atomic_write(path, pdf_bytes(html, base_dir))
     return path
 
@@ -216,14 +216,18 @@ def run_facts(m: dict, summary: dict) -> dict:
     """The manifest facts the pages quote, with a readable stand-in for anything a manifest lacks."""
     model, suite = m.get("model") or {}, m.get("suite") or {}
     seeds = m.get("seeds") or summary.get("seeds") or []
-    expected = len(suite.get("prompt_ids") or []) * len(seeds) or None
+    given = m.get("given_images")
+    expected = (len(given.get("images") or []) if isinstance(given, dict) else
+                len(suite.get("prompt_ids") or []) * len(seeds)) or None
     return {
         "model_name": model.get("name") or "—", "fingerprint": model.get("fingerprint") or "—",
         "suite_name": suite.get("name") or "—", "start": m.get("start_time") or "—",
         "end": m.get("end_time") or "not finished", "seeds": ", ".join(map(str, seeds)) or "—",
-        "steps": m.get("steps", "—"), "guidance": m.get("guidance", "—"),
+        "steps": "—" if m.get("steps") is None else m["steps"],
+        "guidance": "—" if m.get("guidance") is None else m["guidance"],
         "partial": bool(summary.get("partial")), "expected": expected or "?",
         "uncalibrated": m.get("calibrated") is False,
+        "given": given if isinstance(given, dict) else None,
         "forced": [f for f in m.get("forced") or [] if isinstance(f, dict)],
         "tool_version": (m.get("tool") or {}).get("version") or "",
     }
@@ -289,7 +293,7 @@ def concept_facts(c: dict, concepts: list[dict]) -> dict:
     role, bound = c.get("role") or "concept", text_of(c.get("binds_to"))
     asks = []
     if c.get("position"):
-        asks.append(f"on the {c['position']}" if c["position"] in ("left", "right", "top", "bottom") else str(c["position"]))
+        asks.append(f"on the {c['position']}" if c["position"] in SIDE_WORDS else str(c["position"]))
     for r in c.get("relations") or []:
         other = text_of(r.get("object"))
         asks.append(f"{r.get('relation')} {other!r}" if other else str(r.get("relation")))
@@ -322,7 +326,7 @@ def model_view(rel: Relevance | None, summary: dict, k: int, manifest: dict) -> 
         rows.append({"category": cat, **s, "top_heads": top})
     info = {"heads": None, "layers": None, "categories": None}
     if rel is not None:
-        info = {"heads": len(rel.head_names), "layers": len({h.split("#")[0] for h in rel.head_names}),
+        info = {"heads": len(rel.head_names), "layers": len({layer_of(h) for h in rel.head_names}),
                 "categories": len(rel.categories)}
     return {"rows": rows, "relevance": manifest.get("relevance") or {}, "k": k, **info}
 

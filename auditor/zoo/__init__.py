@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from auditor import registry
+from auditor.registry import DEFAULT_MODEL  # noqa: F401 (the zoo's own name for it)
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = "shapes-v1"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ def bundled_model(name: str) -> BundledModel | None:
 def lexicon() -> dict[str, list[str]]:
     """The world's words by category (the project lexicon's category names): what a bundled model can be
     calibrated on. Categories the world never draws (animals, vehicles...) have no words the model learned."""
+    # Imported here: the world draws with scikit-image, and resolving a model name imports this package.
     from auditor.zoo.world import BACKGROUNDS, COLOURS, FRUIT, POSITIONS, SHAPES, SIZES, TEXTURES
 
     return {
@@ -64,3 +68,20 @@ def lexicon() -> dict[str, list[str]]:
         "background": ["background"],
         "spatial": list(POSITIONS),
     }
+
+
+def calibration_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` prompts of the shapes grammar: what a bundled model is calibrated on."""
+    from auditor.zoo.grammar import sample_prompts  # here for the same reason as the world in ``lexicon``
+
+    return sample_prompts(n, seed)
+
+
+def calibration_prompt_source(n: int, seed: int = 0) -> str:
+    return f"auditor.zoo.grammar.sample_prompts(n={n}, seed={seed})"
+
+
+registry.register(registry.ModelSource(
+    name="auditor.zoo", models=lambda: {m.name: m.path for m in bundled_models()}, folder=MODELS_DIR,
+    owns=re.compile(r"shapes-v\d+"), lexicon=lexicon, prompts=calibration_prompts,
+    prompt_source=calibration_prompt_source))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from auditor.engine.heads import HeadIndex
+
 from auditor.zoo import MODELS_DIR, arch
 from auditor.zoo.grammar import DEFECTS, HELD_OUT
 
@@ -93,8 +95,6 @@ def _weights(folder: Path) -> str:
 
 def _heads(folder: Path) -> str:
     """Cross-attention layers and heads, counted from the head names the relevance matrix was calibrated over."""
-    from auditor.engine.heads import HeadIndex
-
     path = folder / "relevance.json"
     if not path.is_file():
         return "cross-attention heads: not counted (no relevance.json)"

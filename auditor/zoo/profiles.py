@@ -23,7 +23,16 @@ import argparse
 import sys
 import time
 
+from auditor import __version__
+from auditor.calibration import word_targets
+from auditor.engine.hrv import calibrate_model
+from auditor.engine.localise import calibrate_localisation
+from auditor.engine.models import load_model
+from auditor.engine.relevance import RelevanceMatrix
+from auditor.manifest import manifest_base
+from auditor.profile import AuditProfile
 from auditor.zoo import MODELS_DIR
+from auditor.zoo.grammar import sample_prompts
 
 STEPS, GUIDANCE = 20, 5.0
 RESPONSE_K = 48
@@ -36,15 +45,6 @@ def path_of(name: str):
 
 def build_ranking(name: str, budget: int, threads: int, first: int) -> None:
     import torch
-
-    from auditor import __version__
-    from auditor.calibration import word_targets
-    from auditor.engine.localise import calibrate_localisation
-    from auditor.engine.models import load_model
-    from auditor.engine.relevance import RelevanceMatrix
-    from auditor.manifest import manifest_base
-    from auditor.profile import AuditProfile
-    from auditor.zoo.grammar import sample_prompts
 
     torch.set_num_threads(threads)
     lm = load_model(name, device="cpu")
@@ -101,9 +101,6 @@ def build_relevance(name: str, budget: int, threads: int) -> None:
     """Recalibrate the HRV matrix shipped beside a bundled model (relevance.npz/.json), on the world's prompts."""
     import torch
 
-    from auditor.engine.models import load_model
-    from auditor.engine.relevance import calibrate_model
-
     torch.set_num_threads(threads)
     lm = load_model(name, device="cpu")
     rm = calibrate_model(lm.pipe, bundled=True, fingerprint=lm.fingerprint, budget=budget, steps=STEPS,
@@ -115,8 +112,6 @@ def build_relevance(name: str, budget: int, threads: int) -> None:
 
 def write_thresholds(th, provenance: dict, name: str = "shapes-v1") -> list:
     """Put thresholds into ``name``'s profile and into the profiles that inherit them."""
-    from auditor.profile import AuditProfile
-
     written = []
     for target in [name] + [m for m, src in INHERITS.items() if src == name]:
         prof = AuditProfile.load(path_of(target))

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from auditor.engine.models import resolve  # bundled name or folder, one rule with --model
+from auditor.errors import AuditorError
+
 from auditor.zoo.train import NOT_RECIPE, parser
 
 PREFIX = ["python", "-m", "auditor.zoo.train"]
@@ -62,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dry-run", action="store_true", help="print the stage commands and stop")
     args = ap.parse_args(argv)
-    from auditor.engine.models import resolve  # bundled name or folder, one rule with --model
-    from auditor.errors import AuditorError
-
     try:
         card_file = resolve(args.model)[0] / "training.json"
     except AuditorError as e:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from auditor.zoo import arch
-from auditor.zoo.bpe import load_tokenizer
+from auditor.tokenizer import load_tokenizer
 from auditor.zoo.grammar import DEFECTS, sample
 from auditor.zoo.world import JITTER, POSITIONS, SIZE, SIZES, shape_mask
 

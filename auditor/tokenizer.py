@@ -1,9 +1,10 @@
-"""Build the standard CLIP BPE tokenizer files (vocab.json, merges.txt) from the BPE merge list.
+"""The standard CLIP BPE tokenizer (``load_tokenizer``), and how its files (vocab.json, merges.txt) are built.
 
+Concept extraction aligns words to its tokens; the bundled models and the test pipelines use it as their tokenizer.
 The merge list ships inside PyPI packages (open_clip_torch: ``open_clip/bpe_simple_vocab_16e6.txt.gz``).
-The result is committed under ``auditor/zoo/clip_bpe/`` so nothing needs the package at run time:
+The result is committed under ``auditor/clip_bpe/`` so nothing needs the package at run time:
 
-    python -m auditor.zoo.bpe path/to/bpe_simple_vocab_16e6.txt.gz
+    python -m auditor.tokenizer path/to/bpe_simple_vocab_16e6.txt.gz
 
 Vocabulary order follows CLIP: 256 byte symbols, the same with ``</w>``, one entry per merge, then
 ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407) — 49,408 entries, as in Stable Diffusion.

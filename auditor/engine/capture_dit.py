@@ -1,0 +1,196 @@
+"""Capture for the transformer families: the processors that record SD3's and Flux's joint attention.
+
+PixArt-α/Σ reads the text through ordinary cross-attention (``attn2``, T5 padding passed as an additive
+``encoder_attention_mask``), which ``auditor.engine.capture``'s processor already records. SD3/SD3.5 and Flux run one
+softmax over image and text keys together:
+
+- SD3 (``JointAttnProcessor2_0``): queries and keys are [image; text]; the last block's ``context_pre_only`` form
+  leaves the text output unprojected. SD3.5's ``attn2`` is image self-attention and is not tapped.
+- Flux double-stream blocks (``FluxAttnProcessor`` with ``add_k_proj``): [text; image], rotary embeddings on both;
+  single-stream blocks: one sequence whose first ``text_len`` tokens are the text (known from the transformer's
+  inputs, ``Tap.text_len``).
+
+A head's text→image map is the image queries' probabilities on the text keys, normalised over all keys as the
+model normalises them; only the text columns are kept. Every query's output is computed as the stock processor
+computes it (the recorded items' from the explicit probabilities, the others through SDPA), so images are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from auditor.engine.capture import SPLIT_MIN_SCORES, _explicit
+from auditor.engine.heads import joint_kind
+from auditor.errors import AuditorError
+
+SD3_PROCESSORS = frozenset({"JointAttnProcessor2_0"})
+FLUX_PROCESSORS = frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0"})
+
+
+def latent_per_cell(denoiser) -> int:
+    """Latent pixels per side of one image token: the patch size (Flux packs 2x2 latents into a token)."""
+    if type(denoiser).__name__.startswith("Flux"):
+        return 2
+    return int(getattr(denoiser.config, "patch_size", 1) or 1)
+
+
+def step_inputs(denoiser, args, kwargs):
+    """(image input, patch grid (h, w), text tokens, timestep) of one transformer evaluation, from its inputs.
+
+    SD3 and PixArt take the latent [B, C, H, W] (the grid is H, W over the patch size); Flux takes packed tokens
+    [B, N, C] with their positions in ``img_ids`` (row, column), from which the grid is read."""
+    hs = kwargs.get("hidden_states", args[0] if args else None)
+    ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    t = kwargs.get("timestep")
+    if hs.ndim == 4:
+        p = latent_per_cell(denoiser)
+        grid = (int(hs.shape[-2]) // p, int(hs.shape[-1]) // p)
+    else:
+        ids = kwargs.get("img_ids")
+        if ids is None:
+            raise AuditorError(f"{type(denoiser).__name__} was called without img_ids: the patch grid is unknown")
+        ids = ids[0] if ids.ndim == 3 else ids
+        grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        if grid[0] * grid[1] != int(hs.shape[1]):
+            raise AuditorError(f"img_ids describe a {grid[0]}x{grid[1]} grid, not the {int(hs.shape[1])} image tokens")
+    text_len = None if ehs is None else int(ehs.shape[1])
+    if torch.is_tensor(t):
+        t = float(t.flatten()[0]) if t.numel() else None
+    return hs, grid, text_len, (None if t is None else float(t))
+
+
+def processor_for(name: str, module, proc):
+    """A factory ``(tap, layer_index) -> processor`` for a joint or single-stream module, or None for a plain
+    cross-attention module (recorded by ``capture._TapProcessor``); an AuditorError for a processor whose
+    computation the capture does not reproduce."""
+    kind = joint_kind(name, module)
+    if kind is None:
+        return None
+    have = type(proc).__name__
+    flux = type(module).__name__ == "FluxAttention"
+    allowed = FLUX_PROCESSORS if flux else SD3_PROCESSORS
+    if have not in allowed:
+        raise AuditorError(f"cannot trace {name}: its attention processor {have} is not the stock joint attention "
+                           f"(supported: {', '.join(sorted(allowed))})")
+    if flux:
+        return lambda tap, i: _FluxTapProcessor(tap, i, proc)
+    return lambda tap, i: _JointTapProcessor(tap, i, proc)
+
+
+def _sdpa(q, k, v, mask, sl: slice) -> torch.Tensor:
+    m = None if mask is None else (mask[sl] if mask.shape[0] == q.shape[0] else mask)
+    return F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=m, dropout_p=0.0, is_causal=False)
+
+
+def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, text: slice) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V over one joint sequence ([B, heads, S, d] each), as SDPA computes it; the
+    tap's recorded items' image queries (``image`` rows) shown with their probabilities on the ``text`` keys."""
+    batch, heads, s = q.shape[:3]
+    scale = q.shape[-1] ** -0.5  # SDPA's default, which both stock processors use
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    seen = tap.observer(layer_index, attn)
+    if seen is None:
+        return _sdpa(q, k, v, mask, slice(None))
+    n = image.stop - image.start
+
+    def observe(qb, probs, rows: slice, _n: int) -> None:
+        a, b = max(rows.start, image.start), min(rows.stop, image.stop)
+        if a >= b:
+            return  # a block of text queries only
+        sel = slice(a - rows.start, b - rows.start)
+        seen(qb[:, :, sel], None if probs is None else probs[:, :, sel, text], slice(a - image.start, b - image.start),
+             n)
+
+    lo = min(max(int(tap.first_cond), 0), batch)
+    if not tap.needs_probs:
+        out = _sdpa(q, k, v, mask, slice(None))
+        if lo < batch:
+            observe(q[lo:], None, slice(0, s), s)
+        return out
+    if lo == 0 or lo * heads * s * k.shape[2] < SPLIT_MIN_SCORES:
+        return _explicit(q, k, v, mask, scale, observe, lo).to(q.dtype)
+    rec_mask = None if mask is None else (mask[lo:] if mask.shape[0] == batch else mask)
+    rec = _explicit(q[lo:], k[lo:], v[lo:], rec_mask, scale, observe)
+    return torch.cat([_sdpa(q, k, v, mask, slice(0, lo)), rec.to(q.dtype)], dim=0)
+
+
+class _JointTapProcessor:
+    """SD3's joint attention (``JointAttnProcessor2_0``'s computation), image queries' text probabilities recorded."""
+
+    is_tap = True
+
+    def __init__(self, tap, layer_index: int, stock):
+        self.tap, self.layer_index, self.stock = tap, layer_index, stock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:  # not a text-reading call: nothing to record
+            return self.stock(attn, hidden_states, None, attention_mask, *args, **kwargs)
+        batch, n_image = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        eq, ek = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        ev = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        q, k, v = torch.cat([q, eq], dim=2), torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2)
+        out = joint_attention(self.tap, self.layer_index, attn, q, k, v, None, slice(0, n_image),
+                              slice(n_image, k.shape[2]))
+        out = out.transpose(1, 2).reshape(batch, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        hidden, context = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        return hidden, context
+
+
+class _FluxTapProcessor:
+    """Flux's attention (``FluxAttnProcessor``'s computation, rotary embeddings included), double- or single-stream,
+    image queries' text probabilities recorded."""
+
+    is_tap = True
+
+    def __init__(self, tap, layer_index: int, stock):
+        self.tap, self.layer_index, self.stock = tap, layer_index, stock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        double = attn.added_kv_proj_dim is not None
+        if double:
+            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+            n_text = int(encoder_hidden_states.shape[1])
+        else:
+            n_text = self.tap.text_len
+            if n_text is None:
+                raise AuditorError("a single-stream block ran before the transformer's text length was seen")
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        s = query.shape[1]
+        out = joint_attention(self.tap, self.layer_index, attn, query.transpose(1, 2), key.transpose(1, 2),
+                              value.transpose(1, 2), attention_mask, slice(n_text, s), slice(0, n_text))
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        context, hidden = out.split_with_sizes([n_text, s - n_text], dim=1)
+        hidden = attn.to_out[1](attn.to_out[0](hidden.contiguous()))
+        return hidden, attn.to_add_out(context.contiguous())
