@@ -764,6 +764,18 @@ def image_maps_section(r: dict) -> str:
         c, cg = v["control_flag_rate_read"], v["control_flag_rate_generation"]
         L += ["", f"Control prompts' healthy concepts flagged: read {c['rate']:.1%} ({c['k']}/{c['n']}), at generation "
               f"{cg['rate']:.1%} ({cg['k']}/{cg['n']}).", ""]
+    L += ["**Findings.**", "",
+          "- Read from the image alone, the maps score as the generation-time maps do (selective within 0.01 mIoU, "
+          "DAAM within 0.003): what a head attends to in a finished picture is what it attended to while drawing it. "
+          "On tuning, every set that covers the early or middle part of the schedule does as well; the one "
+          "weighted to the noisy end (0.5-0.9) loses 0.025, as a copy that is mostly noise holds little of the "
+          "image's layout.",
+          "- Flags differ on 6% of (concept, image) pairs, mostly `misplaced` raised only on the reading (25) and "
+          "`missing` either way (35): the borderline scores near a threshold move with the maps' small changes.",
+          "- One model audits another's images about as well as the other audits itself while generating: the "
+          "planted defects are found at the same precision and recall (the star slightly better). The attribute "
+          "\"green\" is rarely flagged itself in either mode: v2 draws the swap as the two objects at each other's "
+          "places, and the flags land on the objects, which the per-image row counts.", ""]
     return "\n".join(L)
 
 
