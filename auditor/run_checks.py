@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from auditor.engine.image_read import native_size
 from auditor.errors import AuditorError
 from auditor.store import MAX_SEED, RunStore, acquire_lock
 from auditor.vocabulary import GATE_TYPES as FAIL_ON
@@ -100,7 +101,7 @@ def image_size(height: int | None, width: int | None, default, pipe) -> tuple[in
     if height is None and width is None:
         return tuple(default) if default else None
     if not default:
-        native = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+        native = native_size(pipe)
         default = (native, native)
     return (int(height or default[0]), int(width or default[1]))
 

@@ -177,7 +177,7 @@ def test_damaged_weights_give_one_line(cli, tmp_path, damage):
 
 
 def test_training_records_a_command_that_parses_back_to_the_same_recipe():
-    from auditor.zoo.train import NOT_RECIPE, parser, recipe_command
+    from auditor.zoo.recipe import NOT_RECIPE, parser, recipe_command
 
     ap = parser()
     args = ap.parse_args(["--version", "v1", "--from", "shapes-v1", "--zero-snr", "--high-t", "0.5",
@@ -225,7 +225,7 @@ def test_training_batches_hold_the_requested_shares_of_position_and_pair_prompts
 @pytest.mark.parametrize("name", ["shapes-v1", "shapes-v2"])
 def test_replay_chains_every_recorded_stage_from_nothing(name, tmp_path):
     from auditor.zoo.replay import lineage, stage_args
-    from auditor.zoo.train import parser
+    from auditor.zoo.recipe import parser
 
     runs = lineage(json.loads((MODELS_DIR / name / "training.json").read_text()))
     assert runs[0].get("parent") is None and runs[0]["init"] is None  # the base run trains from nothing

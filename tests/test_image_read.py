@@ -274,3 +274,16 @@ def test_transformer_families_read_an_image(family):
     assert read.maps("cat", method="all_heads").shape == (64, 64)
     name = read.layers[0]
     assert torch.equal(read.buffers[name], again.buffers[name])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_one_side_given_alone_keeps_the_models_own_other_side(family):
+    """`--height` alone on a transformer model: the width is the model's default size (its pipeline's)."""
+    import tiny_dit as td
+
+    from auditor.run_checks import image_size
+
+    pipe = td.shared(family)
+    native = pipe.default_sample_size * pipe.vae_scale_factor
+    assert image_size(64, None, None, pipe) == (64, native)
+    assert image_size(None, 128, None, tp.sd15()) == (64, 128)  # the UNet's own 64 px

@@ -25,7 +25,7 @@ from pathlib import Path
 from auditor.engine.models import resolve  # bundled name or folder, one rule with --model
 from auditor.errors import AuditorError
 
-from auditor.zoo.train import NOT_RECIPE, parser
+from auditor.zoo.recipe import NOT_RECIPE, parser
 
 PREFIX = ["python", "-m", "auditor.zoo.train"]
 
