@@ -169,13 +169,21 @@ class RayExecutor:
             raise AuditorError(f"--executor ray: every worker died (last: {_reason(exc)})")
 
     def close(self) -> None:
-        """Stop the workers; a cluster this executor started is shut down, one it joined is left running."""
+        """Stop the workers and wait until they are gone (``ray.kill`` only asks); a cluster this executor started is
+        shut down, one it joined is left running."""
+        killed = []
         for slot in self.slots:
             if slot.alive:
                 try:
                     ray.kill(slot.handle)
+                    killed.append(slot.handle)
                 except Exception:  # already gone: nothing to stop
                     pass
+        for handle in killed:  # a call to a killed actor fails once the cluster has marked it dead
+            try:
+                ray.get(handle.describe.remote())
+            except Exception:
+                pass
         self.slots = []
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
