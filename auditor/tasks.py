@@ -129,11 +129,13 @@ def plan_tasks(suite, suite_path: Path, seeds, pipe, given=None) -> list[AuditTa
     by_id = {p.id: p for p in suite.prompts}
     if given is None:
         rows = [(p.id, s, tuple(p.tags), None) for p in suite.prompts for s in seeds]
+        sources = dict(by_id)
     else:
         rows = [(g.prompt_id, g.seed, g.tags, str(g.path)) for g in given]
-    sources = {pid: by_id[pid] if pid in by_id else next(g.prompt for g in given if g.prompt_id == pid)
-               for pid, *_ in rows}
-    extracted = dict(zip(sources, extract_many(list(sources.values()), tokenizer=text_sequence(pipe))))
+        # a suite prompt keeps its per-word overrides; a prompt outside the suite is its text
+        sources = {g.prompt_id: by_id.get(g.prompt_id, g.prompt) for g in given}
+    tokens = text_sequence(pipe)
+    extracted = dict(zip(sources, extract_many(list(sources.values()), tokenizer=tokens)))
     for pid, cs in extracted.items():
-        cs.refuse_if_truncated(f"{suite_path}: prompt {pid!r}", text_sequence(pipe))
+        cs.refuse_if_truncated(f"{suite_path}: prompt {pid!r}", tokens)
     return [AuditTask(pid, int(seed), extracted[pid], tags, image) for pid, seed, tags, image in rows]

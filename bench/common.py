@@ -27,6 +27,19 @@ CACHE = ROOT / "work_bench"  # captured maps, re-analysable without regenerating
 STEPS, GUIDANCE, SIDE = 20, 5.0, 64  # the shapes-world defaults (prompt_suites/shapes-default.yaml)
 
 
+class Log:
+    """A bench's progress lines, each stamped with the seconds since the bench started (``elapsed``)."""
+
+    def __init__(self, name: str):
+        self.name, self.t0 = name, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.name} {self.elapsed():6.0f}s] {msg}", flush=True)
+
+
 def machine() -> dict:
     """What the numbers were measured on, including how busy the cores were when the run started."""
     try:

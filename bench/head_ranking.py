@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -150,8 +149,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(common.RESULTS / "head_ranking.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    log = lambda m: print(f"[heads {time.perf_counter() - t0:5.0f}s] {m}", flush=True)  # noqa: E731
+    log = common.Log("heads")
     tune, test = (load(common.CACHE / f"miou_{s}.npz", None) for s in ("tune", "test"))
     if tune is None or test is None or "daam" not in test:
         sys.exit("no cached captures with DAAM maps: run bench/miou.py --fresh first")
@@ -217,7 +215,7 @@ def main() -> None:
                 f"{entry['top_minus_bottom']['mean']:+.3f} k={kc}")
     log(f"DAAM baseline {res['baseline_daam']['mean']:.3f} {res['baseline_daam']['ci95']}")
     out = {"benchmark": "head_ranking", "command": common.command(), "machine": common.machine(),
-           "commit": common.git_commit(), **res, "wall_seconds": time.perf_counter() - t0}
+           "commit": common.git_commit(), **res, "wall_seconds": log.elapsed()}
     Path(args.out).write_text(json.dumps(out, indent=1))
     log(f"wrote {args.out}")
 

@@ -212,8 +212,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(common.RESULTS / "image_maps.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    log = lambda msg: print(f"[image_maps {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)  # noqa: E731
+    log = common.Log("image_maps")
     from auditor.profile import profile_for
 
     lm = common.load_v1()
@@ -224,7 +223,7 @@ def main() -> None:
         res[part] = {"miou": part_miou, "flags": part_flags, "v2": part_v2}[part](lm, profile, log)
     res.update({"benchmark": "image_maps", "command": common.command(), "machine": common.machine(),
                 "commit": common.git_commit(), "model": {"name": "shapes-v1", "fingerprint": lm.fingerprint},
-                "profile_sha256": profile.sha256, "wall_seconds_last_run": time.perf_counter() - t_start})
+                "profile_sha256": profile.sha256, "wall_seconds_last_run": log.elapsed()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(miou.rnd(res), indent=1))
     log(f"wrote {path}")

@@ -602,8 +602,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(common.RESULTS / "miou.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t_start = time.perf_counter()
-    log = lambda msg: print(f"[miou {time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)  # noqa: E731
+    log = common.Log("miou")
     mach = common.machine()
     rel_path = Path(args.relevance) if args.relevance else common.default_relevance_path()
     rm = common.load_relevance(rel_path)
@@ -648,7 +647,7 @@ def main() -> None:
                         "seeds": {"tune_prompts": TUNE_SEED, "test_prompts": TEST_SEED, "images": IMAGE_SEED,
                                   "bootstrap": 0}, "mask": "otsu (auditor.engine.maps.binarize)"},
            "splits": meta, "traced_seconds_per_image": gen_s / max(n_gen, 1), **res,
-           "wall_seconds": time.perf_counter() - t_start}
+           "wall_seconds": log.elapsed()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rnd(out), indent=1))
     m = out["test"]["main"]

@@ -6,16 +6,15 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from auditor.runs import gate
+from killing import kill_after_stored
 
 TINY = """\
 name: tiny
@@ -217,20 +216,7 @@ def test_killed_run_resumes_to_the_same_results(tiny_suite, tmp_path):
     cmd = [sys.executable, "-m", "auditor", "audit", str(tiny_suite), "--no-pdf", "--seeds", "0,1,2,3,4,5"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    n = 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = sqlite3.connect(killed / "run.sqlite").execute("SELECT COUNT(*) FROM generations").fetchone()[0]
-        except sqlite3.Error:
-            n = 0
-        if n >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = sqlite3.connect(killed / "run.sqlite").execute("SELECT prompt_id, seed, finished_at FROM generations").fetchall()
+    kept = kill_after_stored(proc, killed)
     assert 2 <= len(kept) < 12 and not (killed / "results.json").exists()
 
     r = subprocess.run(cmd + ["--resume", str(killed), "--json"], env=env, capture_output=True, text=True, timeout=600)

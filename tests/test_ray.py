@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from killing import kill_after_stored, stored_rows  # noqa: E402
 from test_batch import assert_same_run  # noqa: E402  (after the skip: it needs nothing of Ray)
 
 pytestmark = pytest.mark.slow
@@ -64,11 +64,6 @@ def local_run(suite, tmp_path_factory) -> Path:
 
 def _results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
-
-
-def _rows(run: Path) -> list:
-    with sqlite3.connect(run / "run.sqlite") as db:
-        return db.execute("SELECT prompt_id, seed, finished_at FROM generations").fetchall()
 
 
 def test_ray_results_equal_the_local_executors(cluster, suite, local_run, tmp_path):
@@ -174,26 +169,14 @@ def test_a_killed_driver_resumes_to_the_same_results(cluster, suite, local_run, 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_driver(suite, cluster, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline, n = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = len(_rows(killed))
-        except sqlite3.Error:
-            n = 0
-        if n >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = _rows(killed)
+    kept = kill_after_stored(proc, killed)
     assert 2 <= len(kept) < PLANNED and not (killed / "results.json").exists()
 
     r = subprocess.run(_driver(suite, cluster, "--resume", str(killed), "--json"), env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["resumed_skipped"] == len(kept)
-    assert set(kept) <= set(_rows(killed)) and len(_rows(killed)) == PLANNED  # nothing finished was redone
+    assert set(kept) <= set(stored_rows(killed)) and len(stored_rows(killed)) == PLANNED  # nothing finished was redone
     a, b = _results(local_run), _results(killed)
     assert a["generations"] == b["generations"]
     assert {k: v for k, v in a["summary"].items() if k != "partial"} == \
