@@ -83,19 +83,16 @@ def text_sequence(pipe, t5_length: int | None = None):
 
     Args:
         pipe: a diffusers text-to-image pipeline.
-        t5_length: the T5 tokens the call used (``max_sequence_length``); default: the pipeline call's default.
+        t5_length: the T5 tokens the call used (``max_sequence_length``); default: ``text_length(pipe)``.
 
     Returns:
         A tokenizer (UNet pipelines) or a ``TextSequence`` (PixArt, SD3, Flux).
     """
-    import inspect
-
     name = type(pipe).__name__
     if getattr(pipe, "transformer", None) is None:
         return pipe.tokenizer
     if t5_length is None:
-        param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-        t5_length = int(param.default) if param is not None and isinstance(param.default, int) else 512
+        t5_length = text_length(pipe)
     if name.startswith("StableDiffusion3"):
         clip = int(getattr(pipe, "tokenizer_max_length", 77) or 77)
         segs = [Segment(pipe.tokenizer, 0, clip)]
@@ -105,6 +102,33 @@ def text_sequence(pipe, t5_length: int | None = None):
     if name.startswith("Flux"):
         return TextSequence((Segment(pipe.tokenizer_2, 0, int(t5_length)),))
     return TextSequence((Segment(pipe.tokenizer, 0, int(t5_length)),))
+
+
+def _sequence_tokenizer(pipe):
+    """The tokenizer of the long text segment of a transformer pipeline: SD3's T5, Flux's T5, PixArt's only one."""
+    name = type(pipe).__name__
+    if name.startswith("StableDiffusion3"):
+        return getattr(pipe, "tokenizer_3", None)
+    attr = "tokenizer_2" if name.startswith("Flux") else "tokenizer"
+    return getattr(pipe, attr, None)
+
+
+def text_length(pipe) -> int:
+    """The tokens of a transformer pipeline's long text segment (``max_sequence_length``) that the audit uses: the
+    pipeline call's default, but never more than its tokenizer declares it reads (a text encoder with fewer
+    positions than the call's default, as the bundled shapes-dit's CLIP encoder has, would fail on the default).
+
+    Every call the audit makes (generation, encoding words, reading images) passes this length, and alignment uses
+    it, so token columns mean the same everywhere."""
+    import inspect
+
+    param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
+    length = int(param.default) if param is not None and isinstance(param.default, int) else 512
+    tok = _sequence_tokenizer(pipe)
+    declared = getattr(tok, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < min(length, 100_000):
+        length = declared
+    return length
 
 
 def _align_sequence(prompt: str, spans: Sequence[tuple[int, int]], seq: TextSequence) -> list[SpanTokens]:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from auditor.align import text_sequence, word_indices
 from auditor.concepts import VISIBLE_ROLES, extract
+from auditor.engine.families import call_kwargs
 from auditor.engine.image_read import load_image
 from auditor.engine.maps import METHODS, ConceptMap, concept_map
 from auditor.engine.trace import trace, trace_image
@@ -100,7 +101,8 @@ def prompt_maps(pipe, prompt: str, words: Sequence[str] | None = None, methods: 
     g = torch.Generator("cpu").manual_seed(seed)
     size = {k_: v for k_, v in (("height", height), ("width", width)) if v}
     with trace(pipe, relevance=relevance) as tr:
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, **size).images[0]
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, **size,
+                     **call_kwargs(pipe)).images[0]
     return PromptMaps(prompt, seed, steps, image, _mapped(tr, concepts, methods, relevance, k),
                       relevance.sha256 if relevance is not None else None)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from auditor.engine.image_read import native_size
+from auditor.engine.families import native_size
 from auditor.errors import AuditorError
 from auditor.store import MAX_SEED, RunStore, acquire_lock
 from auditor.vocabulary import GATE_TYPES as FAIL_ON

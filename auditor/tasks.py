@@ -13,6 +13,7 @@ import torch
 
 from auditor.align import text_sequence
 from auditor.concepts import extract_many
+from auditor.engine.families import call_kwargs
 from auditor.engine.image_read import load_image
 from auditor.engine.trace import trace, trace_image
 from auditor.image_record import generation_record, overlays
@@ -43,7 +44,7 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     prompt = prompts[0] if len(prompts) == 1 else list(prompts)
     with trace(pipe) as tr:
         images = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=gens[0] if len(gens) == 1 else gens, **size).images
+                      generator=gens[0] if len(gens) == 1 else gens, **size, **call_kwargs(pipe)).images
     return images, tr
 
 

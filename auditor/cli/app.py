@@ -44,7 +44,7 @@ def _print_json(obj) -> None:
 
 
 _MODEL_HELP = ("A bundled model name, a local diffusers folder, or a hub id already in the local cache "
-               "(Stable Diffusion 1.x/2.x or SDXL).")
+               "(SD 1.x/2.x, SDXL, SD3/SD3.5, Flux, PixArt-α/Σ).")
 
 
 _VARIANT_HELP = ("Load this variant of the weight files, e.g. fp16 for model.fp16.safetensors (SDXL folders often "

@@ -16,7 +16,7 @@ FAILING_SHOWN = 10  # failing concepts an audit prints, one line each; the repor
 
 
 # short_help: one line in `auditor --help` (click cuts a longer first sentence mid-phrase at 80 columns)
-@app.command("audit", short_help="Audit a model (SD 1.x/2.x or SDXL) on a prompt suite.")
+@app.command("audit", short_help="Audit a text-to-image model on a prompt suite.")
 def audit_cmd(
     suite: str = typer.Argument(..., help="A prompt suite (.yaml or .txt), or the name of a shipped one."),
     model: Optional[str] = typer.Option(None, "--model", help=_MODEL_HELP),

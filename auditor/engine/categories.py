@@ -1,5 +1,5 @@
 """The category of a word, for the category response and selective maps: the lexicon's, else inferred in the model's
-own text space (the nearest lexicon words vote). Also how words are encoded the way the UNet's cross-attention reads
+own text space (the nearest lexicon words vote). Also how words are encoded the way the denoiser's text attention reads
 them, which head-relevance calibration shares."""
 
 from __future__ import annotations
@@ -11,23 +11,40 @@ from typing import Mapping, Sequence
 import torch
 
 from auditor import lexicon as lex
-from auditor.errors import AuditorError
+from auditor.align import align_spans, text_sequence
+from auditor.engine.families import native_size
 from auditor.engine.heads import denoiser_of
+from auditor.engine.image_read import conditioning
+from auditor.errors import AuditorError
 
 
 @torch.no_grad()
 def encode_words(pipe, words: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
-    """Each word's token states [n_tokens, D] in the space the UNet's cross-attention reads (``encode_prompt``)."""
-    device = denoiser_of(pipe).device
+    """Each word's token states in the space the denoiser's text attention reads.
+
+    A word is encoded alone, as a prompt, by the pipeline's own encoders (``image_read.conditioning``, so with the
+    length and options every audit call uses); its states are the columns it owns in that text sequence
+    (``auditor.align``): its BPE pieces after CLIP's start token, its SentencePiece pieces in T5, both for SD3.
+
+    Args:
+        pipe: a loaded diffusers pipeline of a supported family.
+        words: the words (or short phrases) to encode.
+        batch_size: words encoded per call.
+
+    Returns:
+        One tensor [n_tokens, D] per word, in order.
+    """
+    sequence = text_sequence(pipe)
+    side = native_size(pipe)
     out: list[torch.Tensor] = []
     for i in range(0, len(words), batch_size):
         chunk = list(words[i:i + batch_size])
-        emb = pipe.encode_prompt(prompt=chunk, device=device, num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)[0]
+        emb = conditioning(pipe, chunk, None, (side, side))[0]
         for j, w in enumerate(chunk):
-            n = len(pipe.tokenizer(w, add_special_tokens=False)["input_ids"])
-            n = max(1, min(n, emb.shape[1] - 2))
-            out.append(emb[j, 1:1 + n].clone())  # position 0 is the start token
+            columns = align_spans(w, [(0, len(w))], sequence)[0].indices
+            if not columns:
+                raise AuditorError(f"the word {w!r} has no tokens the model reads")
+            out.append(emb[j, list(columns)].clone())
     return out
 
 

@@ -5,6 +5,8 @@ and encoded by the model's own text encoder (its token states from the hidden st
 cross-attention head then also scores those concept keys against its image queries: a softmax over all the drawn
 words' tokens, averaged over pixels and over each word's tokens. The category with the most attention gets that
 head's vote (one vote per head, step and prompt). Votes sum into ``[categories, heads]``; rows are normalised.
+That is the UNet families' rule (``_Voter``). A transformer's text states change from block to block (SD3, Flux),
+so there each step is followed by a concept pass with the drawn words as the text (``_PassVoter``).
 
 The original work spends 2,100 prompts x 50 steps. Here prompts run in growing batches with checkpoints at
 n0, 2 n0, 4 n0, ...; calibration stops once, for every category, the top-k heads at budget n agree with those at
@@ -13,6 +15,8 @@ n/2 (Jaccard >= 0.9). The agreement curve and the budget used are part of the re
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -23,6 +27,7 @@ from auditor import lexicon as lex
 from auditor import registry
 from auditor.engine.capture import Tap, tapped
 from auditor.engine.categories import encode_words
+from auditor.engine.families import call_kwargs, family
 from auditor.engine.models import fingerprint_of
 from auditor.engine.relevance import (
     AGREEMENT, CONVERGENCE_K, RelevanceMatrix, cache_path, check_compatible, checkpoints, find_for_pipe, jaccard_topk,
@@ -55,7 +60,8 @@ class ConceptBank:
 
 
 class _Voter(Tap):
-    """Adds one vote per head, conditional item and counted step to the category its queries favour."""
+    """UNet families: one vote per head, conditional item and counted step, for the category its queries favour
+    among the drawn words' keys (projected by the head's own ``to_k``)."""
 
     def __init__(self, pipe, bank: ConceptBank, seed: int):
         super().__init__(pipe)
@@ -89,6 +95,93 @@ class _Voter(Tap):
         win = per_cat.argmax(-1)  # [B, heads]
         one_hot = torch.nn.functional.one_hot(win, len(counts)).sum(0).T  # [C, heads]
         self.votes[:, self.head_index.layer_slice(layer_index)] += one_hot.cpu()
+
+    def recording(self):
+        """The generations inside the block vote (the tap installed on the pipeline)."""
+        return tapped(self)
+
+
+class _PassVoter(Tap):
+    """Transformer families: one vote per head, conditional item and step, from a concept pass.
+
+    SD3's and Flux's text stream changes from block to block, so a word's keys at a block cannot be had by
+    projecting its encoder states (the UNet voter's way). Instead, after each denoiser evaluation of the generation,
+    the denoiser runs once more on the conditional items' latents at the same timestep, with one drawn word per
+    category as its whole text; every head's image queries' attention on each word's tokens (normalised as the model
+    normalises it, mean over pixels and over the word's tokens) decides the head's vote. PixArt, whose text states
+    are the same at every block, is voted the same way, so all transformer families share one rule.
+    """
+
+    def __init__(self, pipe, bank: ConceptBank, seed: int):
+        super().__init__(pipe, free_passes=True)
+        self.bank = bank
+        self.rng = np.random.default_rng(seed)
+        self.votes = torch.zeros(len(bank.categories), self.head_index.total, dtype=torch.int64)
+        self.items = 1  # conditional items of the generation call (the last ones of the denoiser's batch)
+        self._owner: torch.Tensor | None = None
+        self._sums: dict[int, torch.Tensor] = {}
+
+    def on_attention(self, layer_index, attn, query, probs, rows, n) -> None:
+        part = probs.sum(2)  # over this block of pixels -> [items, heads, n_tok]
+        self._sums[layer_index] = self._sums[layer_index] + part if layer_index in self._sums else part
+
+    def tally(self) -> None:
+        """Turn the finished concept pass's attention into votes (a sum over pixels ranks as the mean does)."""
+        owner = self._owner
+        counts = torch.bincount(owner, minlength=len(self.bank.categories))
+        for layer_index, per_token in self._sums.items():
+            per_token = per_token.float().cpu()
+            per_cat = torch.zeros(*per_token.shape[:2], len(counts)).index_add_(2, owner, per_token) / counts
+            one_hot = torch.nn.functional.one_hot(per_cat.argmax(-1), len(counts)).sum(0).T  # [C, heads]
+            self.votes[:, self.head_index.layer_slice(layer_index)] += one_hot
+        self._sums.clear()
+
+    def concept_call(self, net, args, kwargs) -> dict:
+        """The denoiser's keywords for the concept pass of the evaluation it was just called with."""
+        bound = inspect.signature(net.forward).bind(*args, **kwargs).arguments
+        bound = {**bound.pop("kwargs", {}), **bound}
+        batch = int(bound["hidden_states"].shape[0])
+        lo = max(batch - self.items, 0)
+
+        def cond(v):
+            if torch.is_tensor(v) and v.ndim and v.shape[0] == batch:
+                return v[lo:]
+            return {k: cond(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+        call = {k: (v if k in ("img_ids", "txt_ids") else cond(v)) for k, v in bound.items()}
+        states, self._owner = self.bank.draw(self.rng)
+        text = call["encoder_hidden_states"]
+        call["encoder_hidden_states"] = states.to(text.device, text.dtype)[None].expand(batch - lo, -1, -1)
+        n_tok = states.shape[0]
+        if call.get("encoder_attention_mask") is not None:  # PixArt: every drawn token is read
+            call["encoder_attention_mask"] = torch.ones(batch - lo, n_tok, device=text.device)
+        if call.get("txt_ids") is not None:  # Flux: text positions are all zero
+            ids = call["txt_ids"]
+            call["txt_ids"] = ids.new_zeros((*ids.shape[:-2], n_tok, ids.shape[-1]))
+        call["return_dict"] = False
+        return call
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Concept passes after every denoiser evaluation inside the block (the generation itself is not tapped)."""
+        net, busy = self.denoiser, [False]
+
+        def after(module, args, kwargs, output):
+            if busy[0]:
+                return
+            busy[0] = True
+            try:
+                with torch.no_grad(), tapped(self):
+                    module(**self.concept_call(module, args, kwargs))
+                self.tally()
+            finally:
+                busy[0] = False
+
+        handle = net.register_forward_hook(after, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
 
 def _agreement(snapshots: dict[int, np.ndarray], mark: int, k: int) -> tuple[dict, float] | None:
@@ -149,22 +242,24 @@ def calibrate(pipe, prompts: Sequence[str], lexicon: Mapping[str, Sequence[str]]
         raise AuditorError("calibration needs at least one prompt")
     if lexicon is None:
         lexicon = lex.words_by_category()
-    k = CONVERGENCE_K if k is None else int(k)
     bank = ConceptBank(pipe, lexicon)
-    voter = _Voter(pipe, bank, seed)
+    voter = (_Voter if family(pipe) == "unet" else _PassVoter)(pipe, bank, seed)
+    # the default k never exceeds a small model's heads; a k the caller names is checked
+    k = min(CONVERGENCE_K, voter.head_index.total) if k is None else int(k)
     if not 1 <= k <= voter.head_index.total:
         raise AuditorError(f"k must be between 1 and the number of heads ({voter.head_index.total}), got {k}")
     snapshots: dict[int, np.ndarray] = {}
     curve: list[dict] = []
     done, converged = 0, False
     size = {} if height is None else {"height": height, "width": width or height}
-    with tapped(voter):
+    with voter.recording():
         for mark in checkpoints(len(prompts), first):
             while done < mark:
                 batch = list(prompts[done:min(done + batch_size, mark)])
                 g = torch.Generator("cpu").manual_seed(seed + done)
+                voter.items = len(batch)
                 pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
-                     output_type="latent", **size)
+                     output_type="latent", **size, **call_kwargs(pipe))
                 done += len(batch)
                 if progress is not None:
                     progress(len(batch))

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from auditor.engine.capture_dit import latent_per_cell
+from auditor.engine.families import family, grid_unit, native_size, text_kwargs as family_text_kwargs
 from auditor.engine.heads import denoiser_of
 from auditor.errors import AuditorError
 
@@ -57,34 +57,6 @@ def default_timesteps(pipe) -> tuple[int, ...]:
     """``DEFAULT_FRACTIONS`` of the pipeline's training schedule, as integer timesteps."""
     n = int(pipe.scheduler.config.num_train_timesteps)
     return tuple(int(round(f * (n - 1))) for f in DEFAULT_FRACTIONS)
-
-
-def family(pipe) -> str:
-    """"unet" (SD1.x/2.x, SDXL), "pixart", "sd3" or "flux": how the denoiser is conditioned and called."""
-    name = type(pipe).__name__
-    if getattr(pipe, "unet", None) is not None:
-        return "unet"
-    for key, prefix in (("pixart", "PixArt"), ("sd3", "StableDiffusion3"), ("flux", "Flux")):
-        if name.startswith(prefix):
-            return key
-    raise AuditorError(f"{name}: reading a given image works for SD1.x/2.x, SDXL, PixArt, SD3 and Flux pipelines")
-
-
-def grid_unit(pipe) -> int:
-    """Pixels per cell of the denoiser's coarsest grid: image sides must be multiples of it."""
-    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    net = denoiser_of(pipe)
-    if family(pipe) == "unet":
-        return factor * 2 ** (len(net.config.block_out_channels) - 1)
-    return factor * latent_per_cell(net)
-
-
-def native_size(pipe) -> int:
-    """The side, in pixels, of the square images the model makes by default."""
-    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    sample = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe).config.sample_size
-    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
-    return int(sample) * factor
 
 
 def read_size(pipe, given: tuple[int, int]) -> tuple[int, int]:
@@ -195,7 +167,8 @@ def conditioning(pipe, prompt: str, prompt_2: str | None, size: tuple[int, int],
     tap sees the prompt, as in a generation); ``text_kwargs`` go to ``encode_prompt`` (``max_sequence_length``)."""
     kind = family(pipe)
     if kind != "unet":
-        return _transformer_conditioning(pipe, kind, prompt, prompt_2, size, dict(text_kwargs or {}))
+        return _transformer_conditioning(pipe, kind, prompt, prompt_2, size,
+                                         {**family_text_kwargs(pipe), **(text_kwargs or {})})
     device = pipe.unet.device
     if type(pipe).__name__ == "StableDiffusionXLPipeline":
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=prompt_2, device=device,
@@ -219,7 +192,6 @@ def _transformer_conditioning(pipe, kind: str, prompt: str, prompt_2: str | None
     if kind == "pixart":
         if prompt_2 is not None:
             raise AuditorError(f"prompt_2 is for pipelines with two text encoders, not {type(pipe).__name__}")
-        text_kwargs.setdefault("clean_caption", False)  # the caption is read as given
         embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, num_images_per_prompt=1,
                                                 device=device, **text_kwargs)
         cond = {"resolution": None, "aspect_ratio": None}

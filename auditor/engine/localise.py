@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from auditor.engine.families import call_kwargs
 from auditor.engine.maps import latent_head_maps
 from auditor.engine.relevance import checkpoints
 from auditor.errors import AuditorError
@@ -231,7 +232,7 @@ def word_scores(pipe, prompts: Sequence[str], targets: Sequence[Sequence[WordTar
     gens = [torch.Generator("cpu").manual_seed(seed + first + j) for j in range(len(prompts))]
     with trace(pipe) as tr:
         pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-             output_type="latent", **size)
+             output_type="latent", **size, **call_kwargs(pipe))
     scored = [(first + j, [(t.category, concentration(latent_head_maps(tr, t.token_indices, item=j)).double().cpu()
                             .numpy()) for t in words]) for j, words in enumerate(targets)]
     return tr.head_names, scored
