@@ -26,6 +26,7 @@ from auditor.engine.localise import WordTarget
 from auditor.errors import AuditorError
 from auditor.thresholds import Thresholds
 from auditor import __version__
+from auditor.align import text_sequence
 from auditor.concepts import extract_many
 from auditor.diagnostics import SCORE_DIRECTIONS, flags_from_records, judges
 from auditor.engine.hrv import calibrate
@@ -41,7 +42,8 @@ FIT_ROLES = ("object", "attribute")  # roles whose words occupy a region: the lo
 def word_targets(prompts: Sequence[str], tokenizer) -> list[list[WordTarget]]:
     """The words of each prompt the localisation ranking scores: objects and their attributes with a lexicon
     category and token indices, not negated, not describing the background (a background's map is spread by
-    nature, so it says nothing about whether a head localises)."""
+    nature, so it says nothing about whether a head localises). ``tokenizer`` is what the denoiser reads
+    (``auditor.align.text_sequence(pipe)``: a transformer's words get their columns of its text sequence)."""
     out = []
     for ex in extract_many(list(prompts), tokenizer=tokenizer):
         background = {c.id for c in ex.items if c.role == "background"}
@@ -181,7 +183,7 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
     gen = {"steps": steps, "guidance": guidance, "seed": seed}
     rm = calibrate(pipe, cycled, lexicon, steps=steps, guidance_scale=guidance, seed=seed,
                    fingerprint=lm.fingerprint, prompt_source=prompt_source, progress=tick("relevance"))
-    hr = calibrate_localisation(pipe, cycled, word_targets(cycled, pipe.tokenizer), steps=steps,
+    hr = calibrate_localisation(pipe, cycled, word_targets(cycled, text_sequence(pipe)), steps=steps,
                                 guidance_scale=guidance, seed=seed, fingerprint=lm.fingerprint,
                                 prompt_source=prompt_source, progress=tick("ranking"),
                                 mapper=None if executor is None else executor.map)
@@ -219,7 +221,7 @@ def self_calibrated_thresholds(lm, profile, prompts: Sequence[str], flag_budget:
                                steps: int, guidance: float, seed: int, progress=None, executor=None):
     """Generate each prompt as an audit does, score its concepts with ``profile``, fit thresholds to the budget
     (the generations spread by ``executor.map`` when given)."""
-    extracted = extract_many(list(prompts), tokenizer=lm.pipe.tokenizer)
+    extracted = extract_many(list(prompts), tokenizer=text_sequence(lm.pipe))
     jobs = [(p, cs, seed + i, steps, guidance, profile) for i, (p, cs) in enumerate(zip(prompts, extracted))]
     if executor is None:
         records = []

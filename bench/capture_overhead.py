@@ -8,6 +8,8 @@ shared and wall time swings by tens of percent between identical runs; wall-time
 Writes bench/results/capture_overhead.json.
 
     .venv/bin/python bench/capture_overhead.py [--pairs 9] [--steps 20] [--size 64 --size 256] [--threads 1]
+    .venv/bin/python bench/capture_overhead.py --model tiny-flux   # a transformer family (tiny-pixart, tiny-sd3,
+                                                                   # tiny-sd35, tiny-flux, shapes-dit)
 """
 
 from __future__ import annotations
@@ -29,15 +31,30 @@ OUT = ROOT / "bench" / "results" / "capture_overhead.json"
 GOAL = 1.05  # median traced / plain time
 
 
-def load_pipe():
-    """(pipe, description, default image sides)."""
+TINY_TRANSFORMERS = ("pixart", "sd3", "sd35", "flux")  # tests/tiny_dit.py's random copies
+MODELS = ("shapes-v1", "shapes-dit") + tuple(f"tiny-{f}" for f in TINY_TRANSFORMERS)
+
+
+def load_pipe(model: str = "shapes-v1"):
+    """(pipe, description, default image sides) for a bundled model (the tiny SD1.5 copy when shapes-v1 is not
+    installed) or one of tests/tiny_dit.py's transformer copies (``tiny-<family>``)."""
+    from auditor.engine.families import native_size
     from auditor.zoo import bundled_model
 
-    if bundled_model("shapes-v1") is not None:
+    if model.startswith("tiny-"):
+        sys.path.insert(0, str(ROOT / "tests"))
+        import tiny_dit
+
+        pipe = tiny_dit.BUILDERS[model[len("tiny-"):]]()
+        # 64 px is the tests' size; 256 px gives the attention SD-like query counts (256 to 1024 image tokens)
+        return pipe, f"tiny {model[5:]} copy (random weights, tests/tiny_dit.py)", [64, 256]
+    if bundled_model(model) is not None:
         from auditor.engine.models import load_model
 
-        pipe = load_model("shapes-v1", device="cpu").pipe
-        return pipe, "bundled shapes-v1", [pipe.unet.config.sample_size * pipe.vae_scale_factor]
+        pipe = load_model(model, device="cpu").pipe
+        return pipe, f"bundled {model}", [native_size(pipe)]
+    if model != "shapes-v1":
+        raise SystemExit(f"{model} is not installed")
     sys.path.insert(0, str(ROOT / "tests"))
     import tiny_pipelines
 
@@ -49,9 +66,10 @@ def timed(pipe, traced: bool, prompt: str, steps: int, seed: int, h: int, w: int
     """(wall seconds, process CPU seconds) of one generation. With one torch thread, CPU time is what the
     generation itself costs; wall time also counts the time the shared cores spent on other work."""
     from auditor import trace
+    from auditor.engine.families import call_kwargs
 
     g = torch.Generator("cpu").manual_seed(seed)
-    kwargs = dict(num_inference_steps=steps, generator=g, height=h, width=w, output_type="np")
+    kwargs = dict(num_inference_steps=steps, generator=g, height=h, width=w, output_type="np", **call_kwargs(pipe))
     t, c = time.perf_counter(), time.process_time()
     if traced:
         with trace(pipe):
@@ -83,8 +101,10 @@ def measure(pipe, side: int, steps: int, pairs: int) -> dict:
               f"({tc / pc:.3f})", flush=True)
     cpu = _stats([c for _, c in got[False]], [c for _, c in got[True]])
     wall = _stats([w for w, _ in got[False]], [w for w, _ in got[True]])
+    # the isolated step is the UNet's; a transformer's figure is the whole generation's
+    step = unet_step(pipe, side) if getattr(pipe, "unet", None) is not None else None
     return {"image": [side, side], "steps": steps, "pairs": pairs, "cpu": cpu, "wall": wall,
-            "unet_step": unet_step(pipe, side), "meets_goal": cpu["ratio_median"] <= GOAL}
+            "unet_step": step, "meets_goal": cpu["ratio_median"] <= GOAL}
 
 
 def unet_step(pipe, side: int, rounds: int = 9, reps: int = 10) -> dict:
@@ -125,10 +145,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, action="append", help="image side (repeatable); default per model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the 2 cores are shared)")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--model", choices=MODELS, default="shapes-v1")
+    ap.add_argument("--out", help="default bench/results/capture_overhead.json for shapes-v1, else "
+                                  "capture_overhead_<model>.json")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(OUT if args.model == "shapes-v1" else OUT.with_name(f"capture_overhead_{args.model}.json"))
     torch.set_num_threads(args.threads)
-    pipe, model, sides = load_pipe()
+    pipe, model, sides = load_pipe(args.model)
     pipe.set_progress_bar_config(disable=True)
     res = {
         "model": model, "threads": args.threads, "goal": GOAL, "torch": torch.__version__,

@@ -149,3 +149,16 @@ def test_calibrate_audit_and_compare_a_saved_transformer(name, saved, tmp_path, 
     code, out, err = cli("compare", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "cmp"), "--no-pdf")
     assert code == 0, err
     assert "same architecture" in out and " 0 regressions, 0 improvements" in out
+
+
+def test_ranking_words_are_columns_of_the_denoisers_text_sequence():
+    from auditor.align import word_indices
+    from auditor.calibration import word_targets
+
+    pipe = td.shared("flux")  # Flux reads T5 only: CLIP's token indices would point at the wrong columns
+    prompt = "a red cat next to a blue car"
+    targets = word_targets([prompt], text_sequence(pipe))[0]
+    expected = {word_indices(prompt, w, text_sequence(pipe)).indices for w in ("red", "cat", "blue", "car")}
+    assert {t.token_indices for t in targets} == expected
+    assert {t.token_indices for t in targets} != {word_indices(prompt, w, pipe.tokenizer).indices
+                                                  for w in ("red", "cat", "blue", "car")}

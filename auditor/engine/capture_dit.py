@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from auditor.engine.capture import SPLIT_MIN_SCORES, _explicit
+from auditor.engine.capture import _explicit
 from auditor.engine.heads import joint_kind
 from auditor.errors import AuditorError
 
@@ -78,14 +78,22 @@ def processor_for(name: str, module, proc):
     return lambda tap, i: _JointTapProcessor(tap, i, proc)
 
 
-def _sdpa(q, k, v, mask, sl: slice) -> torch.Tensor:
-    m = None if mask is None else (mask[sl] if mask.shape[0] == q.shape[0] else mask)
-    return F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=m, dropout_p=0.0, is_causal=False)
+def _sdpa(q, k, v, mask, items: slice, rows: slice = slice(None)) -> torch.Tensor:
+    """SDPA for batch ``items`` and query ``rows`` of a joint sequence (each query row's softmax is its own)."""
+    m = None
+    if mask is not None:
+        m = mask[items] if mask.shape[0] == q.shape[0] else mask
+        m = m[:, :, rows] if m.shape[2] == q.shape[2] else m
+    return F.scaled_dot_product_attention(q[items, :, rows], k[items], v[items], attn_mask=m, dropout_p=0.0,
+                                          is_causal=False)
 
 
 def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, text: slice) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d) + mask) V over one joint sequence ([B, heads, S, d] each), as SDPA computes it; the
-    tap's recorded items' image queries (``image`` rows) shown with their probabilities on the ``text`` keys."""
+    tap's recorded items' image queries (``image`` rows) shown with their probabilities on the ``text`` keys.
+
+    Only those rows are computed explicitly (their probabilities are recorded and reused for probs @ V); the text
+    queries, and the image queries of unrecorded items, go through SDPA as the stock processor sends them."""
     batch, heads, s = q.shape[:3]
     scale = q.shape[-1] ** -0.5  # SDPA's default, which both stock processors use
     if mask is not None and mask.dtype == torch.bool:
@@ -94,26 +102,32 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
     if seen is None:
         return _sdpa(q, k, v, mask, slice(None))
     n = image.stop - image.start
+    lo = min(max(int(tap.first_cond), 0), batch)
+    rec = slice(lo, batch)
+    if not tap.needs_probs:
+        if lo < batch:
+            seen(q[rec, :, image], None, slice(0, n), n)
+        return _sdpa(q, k, v, mask, slice(None))
+    if lo == batch:
+        return _sdpa(q, k, v, mask, slice(None))
+    rec_mask = None
+    if mask is not None:
+        rec_mask = mask[rec] if mask.shape[0] == batch else mask
+        rec_mask = rec_mask[:, :, image] if rec_mask.shape[2] == s else rec_mask
 
     def observe(qb, probs, rows: slice, _n: int) -> None:
-        a, b = max(rows.start, image.start), min(rows.stop, image.stop)
-        if a >= b:
-            return  # a block of text queries only
-        sel = slice(a - rows.start, b - rows.start)
-        seen(qb[:, :, sel], None if probs is None else probs[:, :, sel, text], slice(a - image.start, b - image.start),
-             n)
+        seen(qb, probs[:, :, :, text], rows, n)
 
-    lo = min(max(int(tap.first_cond), 0), batch)
-    if not tap.needs_probs:
-        out = _sdpa(q, k, v, mask, slice(None))
-        if lo < batch:
-            observe(q[lo:], None, slice(0, s), s)
-        return out
-    if lo == 0 or lo * heads * s * k.shape[2] < SPLIT_MIN_SCORES:
-        return _explicit(q, k, v, mask, scale, observe, lo).to(q.dtype)
-    rec_mask = None if mask is None else (mask[lo:] if mask.shape[0] == batch else mask)
-    rec = _explicit(q[lo:], k[lo:], v[lo:], rec_mask, scale, observe)
-    return torch.cat([_sdpa(q, k, v, mask, slice(0, lo)), rec.to(q.dtype)], dim=0)
+    shown = _explicit(q[rec, :, image], k[rec], v[rec], rec_mask, scale, observe).to(q.dtype)
+    out = torch.empty_like(q)
+    out[rec, :, image] = shown
+    if lo:
+        out[:lo, :, image] = _sdpa(q, k, v, mask, slice(0, lo), image)
+    # the text queries: SD3 puts them after the image tokens, Flux before
+    others = slice(image.stop, s) if image.start == 0 else slice(0, image.start)
+    if others.stop > others.start:
+        out[:, :, others] = _sdpa(q, k, v, mask, slice(None), others)
+    return out
 
 
 class _JointTapProcessor:

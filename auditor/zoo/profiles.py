@@ -24,6 +24,7 @@ import sys
 import time
 
 from auditor import __version__
+from auditor.align import text_sequence
 from auditor.calibration import word_targets
 from auditor.engine.hrv import calibrate_model
 from auditor.engine.localise import calibrate_localisation
@@ -72,7 +73,7 @@ def build_ranking(name: str, budget: int, threads: int, first: int) -> None:
     prompts = sample_prompts(budget, 0)
     source = f"auditor.zoo.grammar.sample_prompts(n={budget}, seed=0)"
     t0 = time.perf_counter()
-    hr = calibrate_localisation(lm.pipe, prompts, word_targets(prompts, lm.pipe.tokenizer), steps=STEPS,
+    hr = calibrate_localisation(lm.pipe, prompts, word_targets(prompts, text_sequence(lm.pipe)), steps=STEPS,
                                 guidance_scale=GUIDANCE, seed=0, first=first, fingerprint=lm.fingerprint,
                                 prompt_source=source)
     provenance.update({
