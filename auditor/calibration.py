@@ -162,8 +162,8 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
         steps, guidance, seed: generation settings (prompt i uses seed ``seed + i``).
         lexicon: {category: words} for HRV concept keys (default: the package lexicon).
         progress: ``progress(stage, done, total)``.
-        executor: an ``auditor.executors`` executor whose ``map`` spreads the ranking's batches and the threshold
-            generations (over Ray workers, say); None: all here. HRV relevance runs here either way.
+        executor: an ``auditor.executors`` executor whose ``map`` spreads the batches of both rankings and the
+            threshold generations (over Ray workers, say); None: all here.
 
     Returns:
         ``auditor.profile.AuditProfile``.
@@ -181,12 +181,12 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
     cycled = [prompts[i % len(prompts)] for i in range(budget)]
     tick = (lambda stage: (lambda n: progress(stage, n, budget))) if progress else (lambda stage: None)
     gen = {"steps": steps, "guidance": guidance, "seed": seed}
+    mapper = None if executor is None else executor.map
     rm = calibrate(pipe, cycled, lexicon, steps=steps, guidance_scale=guidance, seed=seed,
-                   fingerprint=lm.fingerprint, prompt_source=prompt_source, progress=tick("relevance"))
+                   fingerprint=lm.fingerprint, prompt_source=prompt_source, progress=tick("relevance"), mapper=mapper)
     hr = calibrate_localisation(pipe, cycled, word_targets(cycled, text_sequence(pipe)), steps=steps,
                                 guidance_scale=guidance, seed=seed, fingerprint=lm.fingerprint,
-                                prompt_source=prompt_source, progress=tick("ranking"),
-                                mapper=None if executor is None else executor.map)
+                                prompt_source=prompt_source, progress=tick("ranking"), mapper=mapper)
     tool = manifest_base([]).get("tool")
     provenance = {
         "tool": tool, "model_fingerprint": lm.fingerprint, "date": time.strftime("%Y-%m-%d"),

@@ -188,7 +188,8 @@ def test_a_killed_driver_resumes_to_the_same_results(cluster, suite, local_run, 
 
 
 def test_calibration_sharded_on_ray_equals_calibration_here(cluster):
-    """The ranking's batches and the threshold generations on two workers: the same profile as one process."""
+    """HRV relevance's and the ranking's batches and the threshold generations on two workers: the same profile
+    as one process."""
     import numpy as np
 
     from auditor.calibration import calibrate_profile
@@ -204,6 +205,9 @@ def test_calibration_sharded_on_ray_equals_calibration_here(cluster):
     here = calibrate_profile(lm, prompts, "test", **kwargs)
     with open_executor(ExecutionOptions("ray", workers=2), lm, None, "cpu", False) as ex:
         sharded = calibrate_profile(lm, prompts, "test", executor=ex, **kwargs)
+    assert here.relevance.budget_prompts == sharded.relevance.budget_prompts
+    assert np.array_equal(here.relevance.votes, sharded.relevance.votes)
+    assert here.relevance.agreement_curve == sharded.relevance.agreement_curve
     a, b = here.ranking, sharded.ranking
     assert a.budget_prompts == b.budget_prompts and a.agreement_curve == b.agreement_curve
     assert np.array_equal(a.sums, b.sums) and np.array_equal(a.halves, b.halves)

@@ -97,7 +97,7 @@ def calibrate_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16"),
     variant: Optional[str] = typer.Option(None, "--variant", help=_VARIANT_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle weights (.bin/.ckpt): they can run code."),
-    executor: str = typer.Option("local", "--executor", help="local | ray: the ranking's batches and the threshold generations on Ray workers (HRV relevance runs here)."),
+    executor: str = typer.Option("local", "--executor", help="local | ray: the calibration batches (HRV relevance, localisation ranking) and the threshold generations on Ray workers."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --executor ray: 'auto' or HOST:PORT of a running cluster (default: start a local one)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="With --executor ray: workers, each loads the model once (default: as many as the cluster has room for)."),
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="With --executor ray: GPUs each worker takes (0: CPU workers)."),

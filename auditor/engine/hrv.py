@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -26,6 +27,7 @@ import torch
 from auditor import lexicon as lex
 from auditor import registry
 from auditor.engine.capture import Tap, tapped
+from auditor.engine.heads import denoiser_of, text_attention_modules
 from auditor.engine.categories import encode_words
 from auditor.engine.families import call_kwargs, family
 from auditor.engine.models import fingerprint_of
@@ -63,7 +65,7 @@ class _Voter(Tap):
     """UNet families: one vote per head, conditional item and counted step, for the category its queries favour
     among the drawn words' keys (projected by the head's own ``to_k``)."""
 
-    def __init__(self, pipe, bank: ConceptBank, seed: int):
+    def __init__(self, pipe, bank: ConceptBank, seed: int | Sequence[int]):
         super().__init__(pipe)
         self.bank = bank
         self.rng = np.random.default_rng(seed)
@@ -112,7 +114,7 @@ class _PassVoter(Tap):
     are the same at every block, is voted the same way, so all transformer families share one rule.
     """
 
-    def __init__(self, pipe, bank: ConceptBank, seed: int):
+    def __init__(self, pipe, bank: ConceptBank, seed: int | Sequence[int]):
         super().__init__(pipe, free_passes=True)
         self.bank = bank
         self.rng = np.random.default_rng(seed)
@@ -200,7 +202,7 @@ def calibrate(pipe, prompts: Sequence[str], lexicon: Mapping[str, Sequence[str]]
               steps: int = 20, k: int | None = None, first: int = 16, threshold: float = AGREEMENT,
               batch_size: int = 8, guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
               width: int | None = None, fingerprint: str | None = None, prompt_source: str = "",
-              progress: Callable[[int], None] | None = None) -> RelevanceMatrix:
+              progress: Callable[[int], None] | None = None, mapper=None) -> RelevanceMatrix:
     """Calibrate head relevance on ``prompts`` (at most all of them), stopping once top-k heads agree.
 
     Prompts run in batches; at each checkpoint (``first``, twice that, ... and all of them) the votes so far are
@@ -222,6 +224,8 @@ def calibrate(pipe, prompts: Sequence[str], lexicon: Mapping[str, Sequence[str]]
         fingerprint: the model's weights fingerprint, recorded in the matrix.
         prompt_source: where the prompts came from, recorded in the matrix.
         progress: called with the number of prompts of each finished batch.
+        mapper: ``mapper(fn, jobs) -> [fn(pipe, *job) for job in jobs]``, e.g. an executor's ``map`` that spreads
+            the batches (``vote_batch``) over Ray workers; None runs them here. Votes add up the same either way.
 
     Returns:
         A ``RelevanceMatrix`` ([categories, heads] vote shares) with its agreement curve, the budget it used and
@@ -240,40 +244,62 @@ def calibrate(pipe, prompts: Sequence[str], lexicon: Mapping[str, Sequence[str]]
     """
     if not prompts:
         raise AuditorError("calibration needs at least one prompt")
-    if lexicon is None:
-        lexicon = lex.words_by_category()
-    bank = ConceptBank(pipe, lexicon)
-    voter = (_Voter if family(pipe) == "unet" else _PassVoter)(pipe, bank, seed)
+    lexicon = {c: list(ws) for c, ws in (lex.words_by_category() if lexicon is None else lexicon).items()}
+    total = sum(int(m.heads) for _, m in text_attention_modules(denoiser_of(pipe)))
     # the default k never exceeds a small model's heads; a k the caller names is checked
-    k = min(CONVERGENCE_K, voter.head_index.total) if k is None else int(k)
-    if not 1 <= k <= voter.head_index.total:
-        raise AuditorError(f"k must be between 1 and the number of heads ({voter.head_index.total}), got {k}")
+    k = min(CONVERGENCE_K, total) if k is None else int(k)
+    if not 1 <= k <= total:
+        raise AuditorError(f"k must be between 1 and the number of heads ({total}), got {k}")
     snapshots: dict[int, np.ndarray] = {}
     curve: list[dict] = []
-    done, converged = 0, False
+    done, converged, names, votes = 0, False, None, None
     size = {} if height is None else {"height": height, "width": width or height}
+    run = mapper or (lambda fn, jobs: [fn(pipe, *job) for job in jobs])
+    for mark in checkpoints(len(prompts), first):
+        # one job per batch up to the next checkpoint: the batches and their draws are the same whoever runs them
+        jobs = [(list(prompts[a:min(a + batch_size, mark)]), lexicon, a, steps, guidance_scale, seed, size)
+                for a in range(done, mark, batch_size)]
+        for job, (names, batch_votes) in zip(jobs, run(vote_batch, jobs)):
+            votes = batch_votes if votes is None else votes + batch_votes
+            if progress is not None:
+                progress(len(job[0]))
+        done = mark
+        snapshots[mark] = votes.copy()
+        agreement = _agreement(snapshots, mark, k)
+        if agreement is not None:
+            curve.append(agreement[0])
+            if agreement[1] >= threshold:
+                converged = True
+                break
+    categories = tuple(c for c, ws in lexicon.items() if ws)
+    return RelevanceMatrix.from_votes(categories, names, votes, budget_prompts=done, steps=steps,
+                                      agreement_curve=curve, model_fingerprint=fingerprint, k=k,
+                                      converged=converged, prompt_source=prompt_source, seed=seed)
+
+
+_BANKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def vote_batch(pipe, prompts: Sequence[str], lexicon: Mapping[str, Sequence[str]], first: int, steps: int,
+               guidance_scale: float, seed: int, size: dict) -> tuple[tuple[str, ...], np.ndarray]:
+    """One batch of calibration, the same wherever it runs (here or on a worker): ``prompts`` (calibration prompts
+    ``first``, ``first + 1``, ...) generated in one call from a generator seeded ``seed + first``, the words drawn
+    from a generator seeded ``(seed, first)``.
+
+    Returns:
+        (head names, votes [categories, heads] of this batch).
+    """
+    key = tuple((c, tuple(ws)) for c, ws in lexicon.items())
+    banks = _BANKS.setdefault(denoiser_of(pipe), {})
+    if key not in banks:  # the words are encoded once per model and lexicon
+        banks[key] = ConceptBank(pipe, lexicon)
+    voter = (_Voter if family(pipe) == "unet" else _PassVoter)(pipe, banks[key], [seed, first])
+    voter.items = len(prompts)
+    g = torch.Generator("cpu").manual_seed(seed + first)
     with voter.recording():
-        for mark in checkpoints(len(prompts), first):
-            while done < mark:
-                batch = list(prompts[done:min(done + batch_size, mark)])
-                g = torch.Generator("cpu").manual_seed(seed + done)
-                voter.items = len(batch)
-                pipe(batch, num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
-                     output_type="latent", **size, **call_kwargs(pipe))
-                done += len(batch)
-                if progress is not None:
-                    progress(len(batch))
-            snapshots[mark] = voter.votes.numpy().copy()
-            agreement = _agreement(snapshots, mark, k)
-            if agreement is not None:
-                curve.append(agreement[0])
-                if agreement[1] >= threshold:
-                    converged = True
-                    break
-    return RelevanceMatrix.from_votes(bank.categories, voter.head_index.names, voter.votes.numpy(),
-                                      budget_prompts=done, steps=steps, agreement_curve=curve,
-                                      model_fingerprint=fingerprint, k=k, converged=converged,
-                                      prompt_source=prompt_source, seed=seed)
+        pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
+             output_type="latent", **size, **call_kwargs(pipe))
+    return voter.head_index.names, voter.votes.numpy()
 
 
 # --- the default prompts, and calibration on demand -----------------------------------------------------------
