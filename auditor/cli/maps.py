@@ -115,17 +115,8 @@ def calibrate_cmd(
     from auditor.profile import cache_path
     from auditor.run_checks import check_generation_values, check_steps
 
-    if budget < 1:
-        raise AuditorError(f"--budget {budget}: must be at least 1 prompt")
-    if threshold_prompts < 0:
-        raise AuditorError(f"--threshold-prompts {threshold_prompts}: must be at least 0")
-    if not 0.0 < flag_budget < 1.0:
-        raise AuditorError(f"--flag-budget {flag_budget}: must be between 0 and 1")
-    if not 0.0 <= max_flag_rate < 1.0:
-        raise AuditorError(f"--max-flag-rate {max_flag_rate}: must be at least 0 and below 1")
+    _check_calibration_values(budget, threshold_prompts, flag_budget, max_flag_rate, out)
     check_generation_values(steps, seed, guidance, None)
-    if out is not None and Path(out).suffix != ".json":
-        raise AuditorError(f"--out {out}: a profile is a .json file")
     execution = ExecutionOptions(executor, 1, ray_address, workers, gpus_per_worker)
     execution.check()
     chosen, source = _calibration_prompts(prompts)
@@ -140,7 +131,7 @@ def calibrate_cmd(
         lexicon = world_lexicon()  # only the words the shapes world taught the model
     bars: dict[str, tqdm] = {}
 
-    def progress(stage: str, n: int, total: int) -> None:
+    def progress(stage: str, n: int, total: int) -> None:  # one bar a stage, the previous one closed
         if stage not in bars:
             for b in bars.values():
                 b.close()
@@ -161,7 +152,27 @@ def calibrate_cmd(
     summary = {"model": lm.to_json(), "saved": [str(p) for p in saved], **prof.summary()}
     if as_json:
         _print_json(summary)
-        return
+    else:
+        _print_calibration(prof, saved, source, threshold_prompts, flag_budget)
+
+
+def _check_calibration_values(budget: int, threshold_prompts: int, flag_budget: float, max_flag_rate: float,
+                              out: str | None) -> None:
+    """One-line errors for calibrate's own numeric options and --out, before anything loads."""
+    if budget < 1:
+        raise AuditorError(f"--budget {budget}: must be at least 1 prompt")
+    if threshold_prompts < 0:
+        raise AuditorError(f"--threshold-prompts {threshold_prompts}: must be at least 0")
+    if not 0.0 < flag_budget < 1.0:
+        raise AuditorError(f"--flag-budget {flag_budget}: must be between 0 and 1")
+    if not 0.0 <= max_flag_rate < 1.0:
+        raise AuditorError(f"--max-flag-rate {max_flag_rate}: must be at least 0 and below 1")
+    if out is not None and Path(out).suffix != ".json":
+        raise AuditorError(f"--out {out}: a profile is a .json file")
+
+
+def _print_calibration(prof, saved, source: str, threshold_prompts: int, flag_budget: float) -> None:
+    """What calibrate made, for a person: where the profile went and how each part was reached."""
     rm, hr = prof.relevance, prof.ranking
     typer.echo(f"profile: {', '.join(map(str, saved))}  sha256 {prof.sha256[:16]}")
     typer.echo(f"prompts: {source}")
