@@ -4,98 +4,26 @@ Both runs generated the same prompts with the same seeds, so every (prompt, seed
 observation: flagged or not in run A, flagged or not in run B. Observations are pooled per concept, per category and
 per suite tag (the prompts a tag marks, e.g. those a known defect affects). Flag-rate changes are tested with
 McNemar's exact test on the discordant pairs; mean score changes get a paired bootstrap interval (resampling seeds,
-or pairs for a category or tag). What counts as a regression is decided by ``Policy`` alone.
+or pairs for a category or tag). The statistics and ``Policy``, which alone decides what counts as a regression, are
+in ``auditor.compare_stats``; this module matches the runs' observations, pools them and reports.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from auditor.compare_stats import POLICY, Policy, paired_stats
 from auditor.errors import AuditorError
 from auditor.manifest import flatten
 from auditor.run_relevance import Relevance, read_relevance
 from auditor.store import RELEVANCE_NAME, RunStore
 from auditor.summary import Pair, across_seeds, pairs_of
 
-BOOTSTRAP_RESAMPLES = 2000
 TOP_CHANGED_HEADS = 10
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A flag-rate increase is a regression when it is large (at least ``min_rate_increase``, e.g. a concept clean in
-    every seed of A and flagged in half of B's) or significant (McNemar exact p < ``alpha``); improvements mirror it.
-    Large-but-not-significant counts because audits run few seeds: a concept that breaks in most seeds must not
-    pass a gate for lack of samples. No multiple-testing correction: a gate should err towards a human look."""
-
-    min_rate_increase: float = 0.5
-    alpha: float = 0.05
-
-    def classify(self, rate_delta: float, p: float, b: int, c: int) -> str | None:
-        """b: pairs flagged only in A (fixed), c: pairs flagged only in B (broken)."""
-        if c > b and (rate_delta >= self.min_rate_increase or p < self.alpha):
-            return "regression"
-        if b > c and (-rate_delta >= self.min_rate_increase or p < self.alpha):
-            return "improvement"
-        return None
-
-    def describe(self) -> str:
-        return (f"a concept or category regressed when its flag rate rose by at least {self.min_rate_increase:.0%} "
-                f"(absolute) or McNemar's exact test on its paired (prompt, seed, concept) observations gives "
-                f"p < {self.alpha} with more pairs broken than fixed; improvements mirror this")
-
-
-POLICY = Policy()
-
-
-# --- statistics -----------------------------------------------------------------------------------------------------
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts (a binomial test of b against n = b + c, p = 1/2)."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def paired_bootstrap(deltas, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of paired differences (seeded: the same runs give the same report)."""
-    d = np.asarray(deltas, dtype=np.float64)
-    if d.size == 0:
-        return (math.nan, math.nan)
-    if d.size == 1:
-        return (float(d[0]), float(d[0]))
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
-    means = d[idx].mean(axis=1)
-    return (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
-
-
-def paired_stats(pairs: list[tuple[Pair, Pair]], policy: Policy) -> dict:
-    """Flag-rate change, McNemar and bootstrap over matched (A, B) observations, and mean score changes."""
-    fa = np.array([a.flagged for a, _ in pairs], dtype=float)
-    fb = np.array([b.flagged for _, b in pairs], dtype=float)
-    fixed, broken = int(((fa == 1) & (fb == 0)).sum()), int(((fa == 0) & (fb == 1)).sum())
-    p = mcnemar_exact(fixed, broken)
-    delta = float(fb.mean() - fa.mean())
-    lo, hi = paired_bootstrap(fb - fa)
-    scores = {}
-    keys = set.intersection(*({k for k, v in x.scores.items() if isinstance(v, float)} for pr in pairs for x in pr))
-    for key in sorted(keys):
-        d = [b.scores[key] - a.scores[key] for a, b in pairs]
-        s_lo, s_hi = paired_bootstrap(d)
-        scores[key] = {"mean_delta": round(float(np.mean(d)), 4), "ci": [round(s_lo, 4), round(s_hi, 4)],
-                       "clear": bool(s_lo > 0 or s_hi < 0)}  # the interval excludes no change
-    return {"n": len(pairs), "flagged_a": int(fa.sum()), "flagged_b": int(fb.sum()),
-            "rate_a": round(float(fa.mean()), 4), "rate_b": round(float(fb.mean()), 4), "rate_delta": round(delta, 4),
-            "rate_delta_ci": [round(lo, 4), round(hi, 4)], "fixed": fixed, "broken": broken, "p": round(p, 5),
-            "verdict": policy.classify(delta, p, fixed, broken), "scores": scores}
 
 
 # --- the comparison -------------------------------------------------------------------------------------------------
@@ -147,10 +75,56 @@ def _categories(run: _Run) -> set[str] | None:
 
 def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY, allow_partial: bool = False,
                  force: bool = False) -> dict:
-    """Compare run B against run A (the reference). Raises AuditorError when they cannot be compared: an unfinished
-    run unless ``allow_partial``, a folder that differs from its records unless ``force``."""
+    """Compare run B against run A (the reference).
+
+    Args:
+        run_a, run_b: the two run folders, of one suite with the same seeds.
+        policy: what counts as a regression or an improvement.
+        allow_partial: compare an unfinished run on its finished generations.
+        force: compare a run folder whose files differ from its records.
+
+    Returns:
+        The comparison: the runs, warnings, per-concept, -category and -tag statistics, regressions and
+        improvements, head-role changes and the manifest settings that differ. Raises AuditorError when the runs
+        cannot be compared: different suites or seeds, an uncalibrated run, an unfinished one unless
+        ``allow_partial``, an altered one unless ``force``, or no observation in common.
+    """
     notes: dict = {"partial": [], "forced": []}
     a, b = _load(run_a, allow_partial, force, notes), _load(run_b, allow_partial, force, notes)
+    suite, seeds = _check_design(run_a, a, run_b, b)
+    warnings, matched = _match(a, b)
+    warnings += _profile_differences(a.manifest, b.manifest)
+    warnings += _reading_differences(a.manifest, b.manifest)
+    matched, not_comparable = _leave_out_not_comparable(a, b, matched)
+    if not_comparable:
+        warnings.append(_not_comparable_text(not_comparable))
+    warnings += _notes_text(notes)
+    if not matched:
+        why = f" ({_not_comparable_text(not_comparable)})" if not_comparable else ""
+        raise AuditorError(f"{run_a} and {run_b} have no finished (prompt, seed, concept) in common to compare{why}")
+    concepts, categories, tags = _pooled_stats(matched, a.generations, policy)
+    overall = paired_stats(matched, policy)
+    overall.pop("verdict")  # the gate is on concepts, tags and categories; the overall numbers are context
+    levels = [("concept", concepts), ("tag", tags), ("category", categories)]
+    regressions = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "regression"]
+    improvements = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "improvement"]
+    return {
+        "run_a": a.info, "run_b": b.info, "suite": suite, "seeds": seeds,
+        "warnings": warnings,
+        "common_prompts": len({pa.prompt_id for pa, _ in matched}), "pairs": len(matched),
+        "policy": {**asdict(policy), "text": policy.describe()},
+        "overall": {**overall, "fidelity_a": round(1 - overall["rate_a"], 4), "fidelity_b": round(1 - overall["rate_b"], 4)},
+        "concepts": concepts, "categories": categories, "tags": tags,
+        "regressions": regressions, "improvements": improvements,
+        "heads": compare_heads(a.relevance, b.relevance, _heads_k(a.manifest)),
+        "manifest_differences": _differences(a.manifest, b.manifest),
+        "partial": notes["partial"], "forced": notes["forced"], "not_comparable": not_comparable,
+    }
+
+
+def _check_design(run_a: str | Path, a: _Run, run_b: str | Path, b: _Run) -> tuple[str | None, list]:
+    """The suite name and seeds both runs share; an AuditorError when they differ, or when a run flagged nothing for
+    want of thresholds, since paired statistics need the same prompts, the same seeds and real flags."""
     suite_a, suite_b = (a.manifest.get("suite") or {}).get("name"), (b.manifest.get("suite") or {}).get("name")
     if suite_a != suite_b:
         raise AuditorError(f"{run_a} and {run_b} audited different suites ('{suite_a}' vs '{suite_b}'); "
@@ -163,31 +137,39 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY, 
         if m.get("calibrated") is False:
             raise AuditorError(f"{run} is uncalibrated (its model's profile had no diagnostic thresholds, so it "
                                f"flagged nothing): its flags cannot be compared; calibrate the model and audit again")
-    warnings, matched = _match(a, b)
-    warnings += _profile_differences(a.manifest, b.manifest)
-    warnings += _reading_differences(a.manifest, b.manifest)
-    not_comparable = _not_comparable(a, b)
-    if not_comparable:
-        only = set(not_comparable["only_a"]) | set(not_comparable["only_b"])
-        left_out = [(pa, pb) for pa, pb in matched if pa.category in only or pb.category in only]
-        matched = [(pa, pb) for pa, pb in matched if pa.category not in only and pb.category not in only]
-        not_comparable["observations_left_out"] = len(left_out)
-        not_comparable["concepts_left_out"] = sorted({f"{pa.prompt_id}: {pa.concept}" for pa, _ in left_out})
-        warnings.append(_not_comparable_text(not_comparable))
-    for n in notes["partial"]:
-        warnings.append(f"run {n['run_id']} is unfinished ({n['generations']} of {n['planned'] or '?'} generations; "
-                        f"--allow-partial): compared on its finished generations only")
-    for n in notes["forced"]:
-        warnings.append(f"run {n['run_id']} differs from what its audit recorded ({'; '.join(n['problems'][:3])}"
-                        f"{'; …' if len(n['problems']) > 3 else ''}): compared anyway (--force)")
-    if not matched:
-        why = f" ({_not_comparable_text(not_comparable)})" if not_comparable else ""
-        raise AuditorError(f"{run_a} and {run_b} have no finished (prompt, seed, concept) in common to compare{why}")
+    return suite_a, seeds_a
 
+
+def _leave_out_not_comparable(a: _Run, b: _Run, matched: list) -> tuple[list, dict | None]:
+    """``matched`` without the observations of categories only one run's model has heads for (``_not_comparable``),
+    and that record with what was left out added (None when both models have heads for the same categories)."""
+    not_comparable = _not_comparable(a, b)
+    if not not_comparable:
+        return matched, not_comparable
+    only = set(not_comparable["only_a"]) | set(not_comparable["only_b"])
+    left_out = [(pa, pb) for pa, pb in matched if pa.category in only or pb.category in only]
+    matched = [(pa, pb) for pa, pb in matched if pa.category not in only and pb.category not in only]
+    not_comparable["observations_left_out"] = len(left_out)
+    not_comparable["concepts_left_out"] = sorted({f"{pa.prompt_id}: {pa.concept}" for pa, _ in left_out})
+    return matched, not_comparable
+
+
+def _notes_text(notes: dict) -> list[str]:
+    """Warnings for the runs ``_load`` let through: unfinished ones (--allow-partial) and altered ones (--force)."""
+    partial = [f"run {n['run_id']} is unfinished ({n['generations']} of {n['planned'] or '?'} generations; "
+               f"--allow-partial): compared on its finished generations only" for n in notes["partial"]]
+    forced = [f"run {n['run_id']} differs from what its audit recorded ({'; '.join(n['problems'][:3])}"
+              f"{'; …' if len(n['problems']) > 3 else ''}): compared anyway (--force)" for n in notes["forced"]]
+    return partial + forced
+
+
+def _pooled_stats(matched: list, generations_a: list[dict], policy: Policy) -> tuple[list, list, list]:
+    """The paired statistics pooled per concept, per category and per suite tag (tags as run A's generations
+    recorded them): (concepts, categories, tags), categories and tags sorted by name."""
     by_concept: dict[tuple[str, str], list] = defaultdict(list)
     by_category: dict[str, list] = defaultdict(list)
     by_tag: dict[str, list] = defaultdict(list)
-    tags_of = {g["prompt_id"]: list(g.get("tags") or []) for g in a.generations}
+    tags_of = {g["prompt_id"]: list(g.get("tags") or []) for g in generations_a}
     for pa, pb in matched:
         by_concept[(pa.prompt_id, pa.concept)].append((pa, pb))
         by_category[pa.category].append((pa, pb))
@@ -199,25 +181,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, policy: Policy = POLICY, 
     categories = [{"category": cat, **paired_stats(ps, policy)} for cat, ps in sorted(by_category.items())]
     tags = [{"tag": t, "prompts": len({x.prompt_id for x, _ in ps}), **paired_stats(ps, policy)}
             for t, ps in sorted(by_tag.items())]
-    overall = paired_stats(matched, policy)
-    overall.pop("verdict")  # the gate is on concepts, tags and categories; the overall numbers are context
-
-    levels = [("concept", concepts), ("tag", tags), ("category", categories)]
-    regressions = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "regression"]
-    improvements = [{"level": lv, **c} for lv, rows in levels for c in rows if c["verdict"] == "improvement"]
-    k = _heads_k(a.manifest)
-    return {
-        "run_a": a.info, "run_b": b.info, "suite": suite_a, "seeds": seeds_a,
-        "warnings": warnings,
-        "common_prompts": len({pa.prompt_id for pa, _ in matched}), "pairs": len(matched),
-        "policy": {**asdict(policy), "text": policy.describe()},
-        "overall": {**overall, "fidelity_a": round(1 - overall["rate_a"], 4), "fidelity_b": round(1 - overall["rate_b"], 4)},
-        "concepts": concepts, "categories": categories, "tags": tags,
-        "regressions": regressions, "improvements": improvements,
-        "heads": compare_heads(a.relevance, b.relevance, k),
-        "manifest_differences": _differences(a.manifest, b.manifest),
-        "partial": notes["partial"], "forced": notes["forced"], "not_comparable": not_comparable,
-    }
+    return concepts, categories, tags
 
 
 def _heads_k(m: dict) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import fake_run
-from auditor.compare import POLICY, compare_runs, gate, mcnemar_exact, paired_bootstrap, to_text
+from auditor.compare import POLICY, compare_runs, gate, to_text
+from auditor.compare_stats import mcnemar_exact, paired_bootstrap
 from auditor.errors import AuditorError
 from auditor.report.compare_report import write_compare
 

@@ -19,10 +19,6 @@ is peaked for every word and still localises nothing, which ``fixed_spot`` measu
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +28,7 @@ import torch
 
 from auditor.engine.families import call_kwargs
 from auditor.engine.maps import latent_head_maps
+from auditor.engine.records import check_sha256, content_sha256, read_record, write_record
 from auditor.engine.relevance import checkpoints
 from auditor.errors import AuditorError
 from auditor.engine.trace import trace
@@ -167,48 +164,36 @@ class HeadRanking:
 
     @property
     def sha256(self) -> str:
-        h = hashlib.sha256(json.dumps(self.meta(), sort_keys=True, separators=(",", ":")).encode())
-        for a, t in ((self.sums, "<f8"), (self.counts, "<i8"), (self.halves, "<f8"), (self.half_counts, "<i8")):
-            h.update(np.ascontiguousarray(a, dtype=t).tobytes())
-        return h.hexdigest()
+        return content_sha256(self.meta(), ((self.sums, "<f8"), (self.counts, "<i8"), (self.halves, "<f8"),
+                                            (self.half_counts, "<i8")))
 
     def save(self, path: str | Path) -> Path:
         """Write ``<base>.npz`` (arrays) and ``<base>.json`` (the rest, with the content's sha256)."""
         npz = Path(path).with_suffix(".npz")
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        with open(npz, "wb") as f:
-            np.savez_compressed(f, sums=self.sums, counts=self.counts, halves=self.halves,
-                                half_counts=self.half_counts)
-        npz.with_suffix(".json").write_text(json.dumps(
-            {**self.meta(), "sha256": self.sha256, "k": self.k_per_category(),
-             "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-        return npz
+        arrays = {"sums": self.sums, "counts": self.counts, "halves": self.halves, "half_counts": self.half_counts}
+        return write_record(npz, npz.with_suffix(".json"), arrays,
+                            {**self.meta(), "sha256": self.sha256, "k": self.k_per_category()}, self.created)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadRanking":
         npz = Path(path).with_suffix(".npz")
         side = npz.with_suffix(".json")
-        for p in (npz, side):
-            if not p.is_file():
-                raise AuditorError(f"{p}: head-ranking file not found (a .npz with a .json beside it)")
-        try:
-            meta = json.loads(side.read_text())
-            with np.load(npz) as z:
-                arrays = {k: z[k] for k in ("sums", "counts", "halves", "half_counts")}
-            hr = cls(meta["categories"], meta["head_names"], budget_prompts=meta["budget_prompts"],
-                     steps=meta["steps"], agreement_curve=meta.get("agreement_curve", []),
-                     converged=meta.get("converged", False), model_fingerprint=meta.get("model_fingerprint"),
-                     prompt_source=meta.get("prompt_source", ""), seed=meta.get("seed", 0),
-                     created=meta.get("created", ""), **arrays)
-        except (EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError) as exc:
-            raise AuditorError(f"{npz}: unreadable head ranking ({exc})") from None
+
+        def build(meta: dict, arrays: dict) -> "HeadRanking":
+            return cls(meta["categories"], meta["head_names"], budget_prompts=meta["budget_prompts"],
+                       steps=meta["steps"], agreement_curve=meta.get("agreement_curve", []),
+                       converged=meta.get("converged", False), model_fingerprint=meta.get("model_fingerprint"),
+                       prompt_source=meta.get("prompt_source", ""), seed=meta.get("seed", 0),
+                       created=meta.get("created", ""), **arrays)
+
+        hr, meta = read_record(npz, side, ("sums", "counts", "halves", "half_counts"), build, "head ranking",
+                               "head-ranking file not found (a .npz with a .json beside it)")
         C, H = len(hr.categories), len(hr.head_names)
         if hr.sums.shape != (C, H) or hr.halves.shape != (2, C, H) or hr.counts.shape != (C,):
             raise AuditorError(f"{npz}: arrays do not match its {C} categories and {H} heads")
         if not np.isfinite(hr.sums).all() or not np.isfinite(hr.halves).all():
             raise AuditorError(f"{npz}: the head ranking holds non-finite scores")
-        if meta.get("sha256") and meta["sha256"] != hr.sha256:
-            raise AuditorError(f"{npz}: content does not match the sha256 in {side.name} (file changed or corrupt)")
+        check_sha256(meta, hr.sha256, npz, side)
         return hr
 
     def summary(self, top: int = 5) -> dict:

@@ -9,10 +9,6 @@ folder (``find_for_pipe``).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import numpy as np
 
 from auditor.engine.heads import HeadIndex, denoiser_of
 from auditor.engine.models import cache_dir, fingerprint_of, folder_of
+from auditor.engine.records import check_sha256, content_sha256, read_record, write_record
 from auditor.errors import AuditorError
 
 ORIGINAL_BUDGET = {"prompts": 2100, "steps": 50}  # the HRV paper's calibration
@@ -117,42 +114,29 @@ class RelevanceMatrix:
 
     @property
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps(self.meta(), sort_keys=True, separators=(",", ":")).encode())
-        h.update(np.ascontiguousarray(self.matrix, dtype="<f4").tobytes())
-        h.update(np.ascontiguousarray(self.votes, dtype="<i8").tobytes())
-        return h.hexdigest()
+        return content_sha256(self.meta(), ((self.matrix, "<f4"), (self.votes, "<i8")))
 
     def save(self, path: str | Path) -> Path:
         """Write ``<base>.npz`` and ``<base>.json``; returns the .npz path."""
         npz, side = _paths(path)
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        with open(npz, "wb") as f:  # an open file keeps numpy from appending a second .npz
-            np.savez_compressed(f, matrix=self.matrix, votes=self.votes)
-        side.write_text(json.dumps({**self.meta(), "sha256": self.sha256,
-                                    "created": self.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-        return npz
+        return write_record(npz, side, {"matrix": self.matrix, "votes": self.votes},
+                            {**self.meta(), "sha256": self.sha256}, self.created)
 
     @classmethod
     def load(cls, path: str | Path) -> "RelevanceMatrix":
         npz, side = _paths(path)
-        for p in (npz, side):
-            if not p.is_file():
-                raise AuditorError(f"{p}: relevance file not found (a matrix is a .npz with a .json beside it)")
-        try:
-            meta = json.loads(side.read_text())
-            with np.load(npz) as arrays:
-                matrix, votes = arrays["matrix"], arrays["votes"]
-            rm = cls(meta["categories"], meta["head_names"], matrix, votes, meta["budget_prompts"], meta["steps"],
-                     meta.get("agreement_curve", []), meta.get("model_fingerprint"), meta.get("k", 8),
-                     meta.get("converged", False), meta.get("prompt_source", ""), meta.get("seed", 0),
-                     meta.get("created", ""))
-        except (EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError) as exc:
-            raise AuditorError(f"{npz}: unreadable relevance matrix ({exc})") from None
+
+        def build(meta: dict, arrays: dict) -> "RelevanceMatrix":
+            return cls(meta["categories"], meta["head_names"], arrays["matrix"], arrays["votes"],
+                       meta["budget_prompts"], meta["steps"], meta.get("agreement_curve", []),
+                       meta.get("model_fingerprint"), meta.get("k", 8), meta.get("converged", False),
+                       meta.get("prompt_source", ""), meta.get("seed", 0), meta.get("created", ""))
+
+        rm, meta = read_record(npz, side, ("matrix", "votes"), build, "relevance matrix",
+                               "relevance file not found (a matrix is a .npz with a .json beside it)")
         if rm.matrix.shape != (len(rm.categories), len(rm.head_names)) or rm.votes.shape != rm.matrix.shape:
             raise AuditorError(f"{npz}: matrix shape {rm.matrix.shape} does not match its categories and heads")
-        if meta.get("sha256") and meta["sha256"] != rm.sha256:
-            raise AuditorError(f"{npz}: content does not match the sha256 in {side.name} (file changed or corrupt)")
+        check_sha256(meta, rm.sha256, npz, side)
         return rm
 
     def summary(self, top: int = 5) -> dict:

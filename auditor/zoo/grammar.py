@@ -139,84 +139,104 @@ def _is_held_out(obj: SceneObject) -> bool:
     return (obj.shape, obj.colour, obj.position) in HELD_OUT
 
 
-def _compose(rng, forced: SceneObject | None = None) -> tuple[str, list[SceneObject], list[Mention], str]:
+def _compose(rng, forced: SceneObject | None = None) -> tuple[_Builder, list[SceneObject], list[Mention], str]:
     """Pick a layout, the objects and the words; ``forced`` (held-out split) is object 0 with its position named."""
     b = _Builder()
     if forced is not None:
         kind = "single" if forced.position == "center" or rng.random() < 0.5 else "pair"
     else:
         kind = str(rng.choice(["single", "pair", "triple", "count"], p=[0.3, 0.42, 0.14, 0.14]))
-    objs: list[SceneObject] = []
-    mentions: list[Mention] = []
     if kind == "single":
-        o = forced or _random_object(rng)
-        if forced is None:
-            o.position = str(rng.choice(list(POSITION_PHRASES)))
-        mentions.append(_object_phrase(b, o, rng))
-        if forced is not None or rng.random() < 0.5:
-            b.add(POSITION_PHRASES[o.position])
-            mentions[0].position_named = True
-        objs.append(o)
+        objs, mentions = _compose_single(b, rng, forced)
     elif kind == "pair":
-        a = forced or _random_object(rng)
-        c = _random_object(rng, exclude_shapes={a.shape}, exclude_colours={a.colour})
-        style = rng.random()
-        if forced is not None:
-            layouts = [lay for lay in PAIR_LAYOUTS if lay[0] == a.position]
-            a.position, c.position = layouts[0]
-            style = 0.5 if rng.random() < 0.5 else 0.9
-        else:
-            a.position, c.position = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
-        if style < 0.42:  # "A and B": positions unnamed
-            mentions.append(_object_phrase(b, a, rng))
-            b.add("and")
-            mentions.append(_object_phrase(b, c, rng))
-        elif style < 0.6:  # "A on the left and B on the right"
-            mentions.append(_object_phrase(b, a, rng))
-            b.add(POSITION_PHRASES[a.position])
-            b.add("and")
-            mentions.append(_object_phrase(b, c, rng))
-            b.add(POSITION_PHRASES[c.position])
-            mentions[0].position_named = mentions[1].position_named = True
-        else:  # "A <relation> B"
-            rel = [r for r, (p, q) in RELATIONS.items() if (p, q) == (a.position, c.position)]
-            # Held-out prompts always name the forced object's position (a relation that implies it).
-            if not rel or (forced is None and a.position in ("left", "right") and rng.random() < 0.3):
-                rel = ["next to"]
-            mentions.append(_object_phrase(b, a, rng))
-            b.add(rel[0])
-            mentions.append(_object_phrase(b, c, rng))
-            named = rel[0] != "next to"
-            mentions[0].position_named = mentions[1].position_named = named
-        objs += [a, c]
+        objs, mentions = _compose_pair(b, rng, forced)
     elif kind == "triple":
-        a = _random_object(rng)
-        c = _random_object(rng, exclude_shapes={a.shape}, exclude_colours={a.colour})
-        d = _random_object(rng, exclude_shapes={a.shape, c.shape}, exclude_colours={a.colour, c.colour})
-        layout = TRIPLE_LAYOUTS[int(rng.integers(len(TRIPLE_LAYOUTS)))]
-        for o, p in zip((a, c, d), rng.permutation(layout)):
-            o.position = str(p)
-            if p == "center" or layout[1] == "center":
-                o.size = "small"  # three in a row only fit when small
-        mentions.append(_object_phrase(b, a, rng))
-        b.text += ","
-        mentions.append(_object_phrase(b, c, rng))
-        b.add("and")
-        mentions.append(_object_phrase(b, d, rng))
-        objs += [a, c, d]
-    else:  # count
-        n = 2 if rng.random() < 0.65 else 3
-        proto = _random_object(rng, exclude_shapes={FRUIT})
-        if n == 3:
-            proto.size = "small"
-            layout = TRIPLE_LAYOUTS[int(rng.integers(2))]
-        else:
-            layout = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
-        m = _object_phrase(b, proto, rng, count=n)
-        for p in layout:
-            objs.append(SceneObject(proto.shape, proto.colour, proto.size, proto.texture, p))
-            mentions.append(m)
+        objs, mentions = _compose_triple(b, rng)
+    else:
+        objs, mentions = _compose_count(b, rng)
     return b, objs, mentions, kind
+
+
+def _compose_single(b: _Builder, rng, forced: SceneObject | None) -> tuple[list[SceneObject], list[Mention]]:
+    """One object ("a red star"), its position named half the time and always when ``forced``."""
+    o = forced or _random_object(rng)
+    if forced is None:
+        o.position = str(rng.choice(list(POSITION_PHRASES)))
+    m = _object_phrase(b, o, rng)
+    if forced is not None or rng.random() < 0.5:
+        b.add(POSITION_PHRASES[o.position])
+        m.position_named = True
+    return [o], [m]
+
+
+def _compose_pair(b: _Builder, rng, forced: SceneObject | None) -> tuple[list[SceneObject], list[Mention]]:
+    """Two objects of different shapes and colours on opposite sides; ``forced`` keeps its held-out position."""
+    a = forced or _random_object(rng)
+    c = _random_object(rng, exclude_shapes={a.shape}, exclude_colours={a.colour})
+    style = rng.random()
+    if forced is not None:
+        layouts = [lay for lay in PAIR_LAYOUTS if lay[0] == a.position]
+        a.position, c.position = layouts[0]
+        style = 0.5 if rng.random() < 0.5 else 0.9
+    else:
+        a.position, c.position = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
+    return [a, c], _pair_phrase(b, a, c, style, forced is not None, rng)
+
+
+def _pair_phrase(b: _Builder, a: SceneObject, c: SceneObject, style: float, forced: bool, rng) -> list[Mention]:
+    """The words of a pair in one of three styles, picked by ``style`` in [0, 1)."""
+    if style < 0.6:  # "A and B", with positions named from 0.42 on: "A on the left and B on the right"
+        named = style >= 0.42
+        first = _object_phrase(b, a, rng)
+        if named:
+            b.add(POSITION_PHRASES[a.position])
+        b.add("and")
+        second = _object_phrase(b, c, rng)
+        if named:
+            b.add(POSITION_PHRASES[c.position])
+    else:  # "A <relation> B"
+        rel = [r for r, (p, q) in RELATIONS.items() if (p, q) == (a.position, c.position)]
+        # Held-out prompts always name the forced object's position (a relation that implies it).
+        if not rel or (not forced and a.position in ("left", "right") and rng.random() < 0.3):
+            rel = ["next to"]
+        first = _object_phrase(b, a, rng)
+        b.add(rel[0])
+        second = _object_phrase(b, c, rng)
+        named = rel[0] != "next to"
+    first.position_named = second.position_named = named
+    return [first, second]
+
+
+def _compose_triple(b: _Builder, rng) -> tuple[list[SceneObject], list[Mention]]:
+    """Three objects of distinct shapes and colours ("A, B and C"), their positions never named."""
+    a = _random_object(rng)
+    c = _random_object(rng, exclude_shapes={a.shape}, exclude_colours={a.colour})
+    d = _random_object(rng, exclude_shapes={a.shape, c.shape}, exclude_colours={a.colour, c.colour})
+    layout = TRIPLE_LAYOUTS[int(rng.integers(len(TRIPLE_LAYOUTS)))]
+    for o, p in zip((a, c, d), rng.permutation(layout)):
+        o.position = str(p)
+        if p == "center" or layout[1] == "center":
+            o.size = "small"  # three in a row only fit when small
+    mentions = [_object_phrase(b, a, rng)]
+    b.text += ","
+    mentions.append(_object_phrase(b, c, rng))
+    b.add("and")
+    mentions.append(_object_phrase(b, d, rng))
+    return [a, c, d], mentions
+
+
+def _compose_count(b: _Builder, rng) -> tuple[list[SceneObject], list[Mention]]:
+    """Counted copies of one object ("two red stars"), all sharing the prompt's one mention."""
+    n = 2 if rng.random() < 0.65 else 3
+    proto = _random_object(rng, exclude_shapes={FRUIT})
+    if n == 3:
+        proto.size = "small"
+        layout = TRIPLE_LAYOUTS[int(rng.integers(2))]
+    else:
+        layout = PAIR_LAYOUTS[int(rng.integers(len(PAIR_LAYOUTS)))]
+    m = _object_phrase(b, proto, rng, count=n)
+    objs = [SceneObject(proto.shape, proto.colour, proto.size, proto.texture, p) for p in layout]
+    return objs, [m] * len(objs)
 
 
 def sample(rng: np.random.Generator, split: str = "train", defects: bool = False) -> Sample:
