@@ -162,3 +162,21 @@ def test_ranking_words_are_columns_of_the_denoisers_text_sequence():
     assert {t.token_indices for t in targets} == expected
     assert {t.token_indices for t in targets} != {word_indices(prompt, w, pipe.tokenizer).indices
                                                   for w in ("red", "cat", "blue", "car")}
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_special_tokens_are_columns_of_each_segment(name):
+    from auditor import trace
+
+    pipe = td.shared(name)
+    with trace(pipe) as tr:
+        td.generate(pipe, "a red cat", steps=1)
+    special = tr.special_tokens()
+    t5 = td.t5_tokenizer()("a red cat", add_special_tokens=True)["input_ids"]
+    if name == "flux":  # T5 only: no start token, the end token after the words, padding to the traced length
+        assert special["start"] == [] and special["end"] == [len(t5) - 1]
+        assert special["padding"] == list(range(len(t5), tr.seq_len))
+    else:  # CLIP's 77 columns (start, end, padding), then T5's
+        clip = pipe.tokenizer("a red cat")["input_ids"]
+        assert special["start"] == [0] and special["end"] == [len(clip) - 1, 77 + len(t5) - 1]
+        assert special["padding"][-1] == tr.seq_len - 1 and 77 + len(t5) in special["padding"]

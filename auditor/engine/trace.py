@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from auditor.align import word_indices
+from auditor.align import text_sequence, word_indices
 from auditor.engine import image_read as ir
 from auditor.engine import maps as _maps
 from auditor.engine.capture import Tap, tapped
@@ -126,21 +126,23 @@ class Trace(Tap):
     def _transformer_indices(self, word: str, prompt: str, second: str | None, occurrence: int) -> tuple[int, ...]:
         """A word's columns of a transformer's text sequence (``auditor.align.text_sequence``): SD3's CLIP and T5
         columns, Flux's and PixArt's T5 ones. The T5 length is read off the traced sequence."""
-        from auditor.align import text_sequence, word_indices  # as the UNet path below: align loads on first use
-
         if second is not None:
             raise AuditorError(f"{word!r}: prompt_2 {second!r} differs from the prompt, and the second CLIP encoder "
                                f"shares the first one's columns; pass token indices, or leave prompt_2 unset")
-        sd3 = type(self.pipe).__name__.startswith("StableDiffusion3")
-        clip = int(getattr(self.pipe, "tokenizer_max_length", 77) or 77) if sd3 else 0
-        t5 = None if self.seq_len is None else self.seq_len - clip
         try:
-            span = word_indices(prompt, word, text_sequence(self.pipe, t5), occurrence)
+            span = word_indices(prompt, word, self._text_sequence(), occurrence)
         except KeyError as exc:
             raise AuditorError(str(exc.args[0])) from None
         if not span.indices:
             raise AuditorError(f"{word!r} falls past the text encoders' token limit in {prompt!r}")
         return span.indices
+
+    def _text_sequence(self):
+        """The transformer's text sequence as traced (``auditor.align.text_sequence``), its T5 length read off the
+        recorded columns."""
+        sd3 = type(self.pipe).__name__.startswith("StableDiffusion3")
+        clip = int(getattr(self.pipe, "tokenizer_max_length", 77) or 77) if sd3 else 0
+        return text_sequence(self.pipe, None if self.seq_len is None else self.seq_len - clip)
 
     def _prompt_2(self, prompt_index: int) -> str | None:
         """The prompt the second text encoder read for this item, when it differs from ``prompt``."""
@@ -183,10 +185,21 @@ class Trace(Tap):
         return tuple(sorted(set(found)))
 
     def special_tokens(self, prompt_index: int = 0) -> dict[str, list[int]]:
-        """Token indices of the start token, end token and padding of a traced prompt (their maps on request)."""
-        ids = self.tokenizer(self.prompts[prompt_index], truncation=True)["input_ids"]
-        n = self.seq_len or getattr(self.tokenizer, "model_max_length", 77)
-        return {"start": [0], "end": [len(ids) - 1], "padding": list(range(len(ids), n))}
+        """Token indices of the start token, end token and padding of a traced prompt (their maps on request); for a
+        transformer, those of every text encoder's segment of its sequence (SD3: CLIP's and T5's)."""
+        prompt = self.prompts[prompt_index]
+        if self.transformer:
+            segments = [(s.tokenizer, s.offset, s.length) for s in self._text_sequence().segments]
+        else:
+            segments = [(self.tokenizer, 0, self.seq_len or getattr(self.tokenizer, "model_max_length", 77))]
+        out: dict[str, list[int]] = {"start": [], "end": [], "padding": []}
+        for tok, offset, length in segments:
+            ids = tok(prompt, truncation=True, max_length=length)["input_ids"]
+            if ids and ids[0] == getattr(tok, "bos_token_id", None):  # T5 has no start token
+                out["start"].append(offset)
+            out["end"].append(offset + len(ids) - 1)
+            out["padding"] += list(range(offset + len(ids), offset + length))
+        return out
 
     def maps(self, word: str | Sequence[int], method: str = "selective", k: int | None = None,
              prompt_index: int = 0, image_index: int = 0, category: str | None = None, relevance=None,
