@@ -1,4 +1,5 @@
-"""GPU throughput, peak memory and capture overhead on randomly initialised SD1.5- and SDXL-sized UNets.
+"""GPU throughput, peak memory and capture overhead on randomly initialised SD1.5- and SDXL-sized UNets and a
+Flux-sized transformer.
 
 A prepared script for a lent GPU machine (it has not run yet: none has been lent; docs/benchmarks.md says so until
 bench/results/gpu.json exists). For each UNet size (SD1.5: 860M parameters, 16 cross-attention layers; SDXL: 2.6B,
@@ -9,6 +10,9 @@ with ``auditor.trace``, in interleaved pairs, and records:
 - images/s of the denoising loop (VAE and text encoders, a fixed cost per image, are not in it);
 - peak GPU memory without and with the trace, and the trace's own buffers (``Trace.nbytes``);
 - capture overhead: the median traced / plain time over the pairs (issue 20's goal: <= 1.05 at SD1.5 and SDXL size).
+
+Flux-dev's transformer (12B parameters, 19 double- and 38 single-stream blocks) runs the same way without
+classifier-free guidance (its guidance is an input), on 2x2-packed latents and 512 T5 tokens.
 
 Weights are random (no checkpoint to download; speed and memory do not depend on the values). Text embeddings are
 random [2 x batch, 77, cross_attention_dim]. A configuration that runs out of memory is recorded as such.
@@ -48,7 +52,14 @@ SDXL = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_atten
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816, in_channels=4, out_channels=4)
-MODELS = {"sd15": SD15, "sdxl": SDXL}
+# Flux-dev's transformer (12B parameters: 19 double-stream and 38 single-stream blocks of 24 heads, guidance embedded)
+FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+FLUX_SMOKE = dict(FLUX, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                  joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+FLUX_TEXT = 512  # T5 tokens Flux-dev's pipeline reads
+MODELS = {"sd15": SD15, "sdxl": SDXL, "flux": FLUX}
 
 
 def shrink(config: dict, factor: int = 8) -> dict:
@@ -66,17 +77,27 @@ def shrink(config: dict, factor: int = 8) -> dict:
 
 
 class Loop:
-    """The attributes of a diffusers pipeline that ``auditor.trace`` reads, around a bare UNet."""
+    """The attributes of a diffusers pipeline that ``auditor.trace`` reads, around a bare UNet (guided) or Flux
+    transformer (guidance distilled into the model: one evaluation per step)."""
 
     vae_scale_factor = 8
-    do_classifier_free_guidance = True
 
-    def __init__(self, unet, steps: int):
-        self.unet, self._num_timesteps = unet, steps
+    def __init__(self, net, steps: int):
+        self._num_timesteps = steps
+        self.flux = not hasattr(net.config, "block_out_channels")
+        self.do_classifier_free_guidance = not self.flux
+        if self.flux:
+            self.transformer = net
+        else:
+            self.unet = net
 
 
-def inputs(unet, batch: int, side: int, device, dtype, text_embeds: int):
-    """Latents, text states and (SDXL) added conditions for one call with guidance (2 x batch)."""
+def inputs(loop: Loop, batch: int, side: int, device, dtype, text_embeds: int):
+    """The arguments of ``denoise`` for one call: a UNet's latents, text states and (SDXL) added conditions with
+    guidance (2 x batch); Flux's packed latents, T5 states, pooled vector and positions."""
+    if loop.flux:
+        return flux_inputs(loop.transformer, batch, side, device, dtype)
+    unet = loop.unet
     g = torch.Generator("cpu").manual_seed(0)
     lat = torch.randn(batch, 4, side // 8, side // 8, generator=g).to(device, dtype)
     text = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
@@ -87,8 +108,30 @@ def inputs(unet, batch: int, side: int, device, dtype, text_embeds: int):
     return lat, text, added
 
 
+def flux_inputs(net, batch: int, side: int, device, dtype):
+    """Flux's inputs: 2x2-packed latents [batch, (side/16)^2, 64], T5 states, the pooled CLIP vector, image and text
+    positions, the distilled guidance."""
+    g = torch.Generator("cpu").manual_seed(0)
+    h = w = side // 16
+    lat = torch.randn(batch, h * w, net.config.in_channels, generator=g).to(device, dtype)
+    text = torch.randn(batch, FLUX_TEXT, net.config.joint_attention_dim, generator=g).to(device, dtype)
+    pooled = torch.randn(batch, net.config.pooled_projection_dim, generator=g).to(device, dtype)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(device, dtype)
+    txt_ids = torch.zeros(FLUX_TEXT, 3, device=device, dtype=dtype)
+    return lat, text, {"pooled_projections": pooled, "img_ids": img_ids, "txt_ids": txt_ids,
+                       "guidance": torch.full((batch,), 3.5, device=device, dtype=torch.float32)}
+
+
 @torch.inference_mode()
 def denoise(loop: Loop, lat, text, added, steps: int) -> None:
+    if loop.flux:
+        for i in range(steps):
+            sigma = torch.full((lat.shape[0],), 1.0 - i / steps, device=lat.device)
+            v = loop.transformer(hidden_states=lat, encoder_hidden_states=text, timestep=sigma, return_dict=False,
+                                 **added)[0]
+            lat = lat - v / steps  # a stand-in for the flow-matching step: same shapes, no cost
+        return
     for i in range(steps):
         t = torch.full((lat.shape[0] * 2,), 999 - i * (1000 // steps), device=lat.device)
         eps = loop.unet(torch.cat([lat, lat]), t, encoder_hidden_states=text, added_cond_kwargs=added).sample
@@ -119,7 +162,7 @@ def timed(loop: Loop, args: tuple, steps: int, traced: bool, device) -> tuple[fl
 
 def cell(loop: Loop, batch: int, side: int, dtype, steps: int, pairs: int, device, text_embeds: int) -> dict:
     """One configuration: interleaved plain/traced pairs after a warm-up of each."""
-    args = inputs(loop.unet, batch, side, device, dtype, text_embeds)
+    args = inputs(loop, batch, side, device, dtype, text_embeds)
     timed(loop, args, 1, False, device), timed(loop, args, 1, True, device)  # warm-up: kernels, allocator
     plain, traced, peaks, nbytes = [], [], [0, 0], 0
     for i in range(pairs):
@@ -136,22 +179,37 @@ def cell(loop: Loop, batch: int, side: int, dtype, steps: int, pairs: int, devic
             "trace_buffers_gib": round(nbytes / 2**30, 3)}
 
 
-def run(args) -> list[dict]:
-    from diffusers import UNet2DConditionModel
+def build(name: str, smoke: bool, device, dtype):
+    """A randomly initialised denoiser of the named size (shrunk for the CPU smoke run)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    from auditor.engine.heads import cross_attention_modules
+    torch.manual_seed(0)
+    # made on the device in the target dtype: Flux's 12B parameters in float32 on the host would take 48 GB
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if name == "flux":
+                net = FluxTransformer2DModel(**(FLUX_SMOKE if smoke else FLUX))
+            else:
+                net = UNet2DConditionModel(**(shrink(MODELS[name]) if smoke else MODELS[name]))
+    finally:
+        torch.set_default_dtype(previous)
+    return net.eval()
+
+
+def run(args) -> list[dict]:
+    from auditor.engine.heads import text_attention_modules
 
     device = torch.device("cpu" if args.smoke else "cuda")
     rows = []
     for name in args.models:
-        config = shrink(MODELS[name]) if args.smoke else MODELS[name]
         text_embeds = 1280 // 8 if args.smoke else 1280
         for dname in args.dtypes:
-            torch.manual_seed(0)
-            unet = UNet2DConditionModel(**config).to(device, DTYPES[dname]).eval()
-            layers = cross_attention_modules(unet)
+            unet = build(name, args.smoke, device, DTYPES[dname])
+            layers = text_attention_modules(unet)
             meta = {"model": name, "dtype": dname, "parameters_m": round(sum(p.numel() for p in unet.parameters()) / 1e6),
-                    "cross_attention_layers": len(layers), "heads": sum(int(m.heads) for _, m in layers)}
+                    "text_attention_layers": len(layers), "heads": sum(int(m.heads) for _, m in layers)}
             for side in args.sides:
                 for batch in args.batches:
                     row = {**meta, "side": side, "batch": batch, "steps": args.steps}
@@ -174,7 +232,7 @@ def section(r: dict | None) -> str:
     if r is None:
         return "\n".join(L + [
             "**Not run yet**: no GPU has been lent to this project. `bench/gpu.py` is prepared for one: on randomly "
-            "initialised SD1.5- and SDXL-sized UNets at 512 and 1024 px, batch 1/4/8, fp16 and bf16, it measures "
+            "initialised SD1.5- and SDXL-sized UNets and a Flux-sized transformer at 512 and 1024 px, batch 1/4/8, fp16 and bf16, it measures "
             "images/s of the denoising loop, peak GPU memory with and without the trace, the trace's buffers, and the "
             f"capture overhead (goal: traced / plain ≤ {GOAL} at SD1.5 and SDXL size). On a GPU machine: "
             "`.venv/bin/python bench/gpu.py` writes bench/results/gpu.json and replaces this section. "
