@@ -119,7 +119,7 @@ prompts:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folders = {}
-    for name in ("sd3", "flux", "pixart"):
+    for name in ("sd3", "sd35", "flux", "pixart"):
         folder = tmp_path_factory.mktemp(name)
         td.BUILDERS[name]().save_pretrained(folder, safe_serialization=True)
         folders[name] = folder
@@ -127,7 +127,7 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
+@pytest.mark.parametrize("name", ["sd3", "sd35", "flux", "pixart"])
 def test_calibrate_audit_and_compare_a_saved_transformer(name, saved, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = str(saved[name])
