@@ -122,3 +122,29 @@ def test_function_local_imports_of_own_modules_say_why(graph):
 
 # Function-local imports without a stated reason still allowed; lower it as they are resolved, never raise it.
 LOCAL_IMPORT_BUDGET = 0
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60  # a function's code, after its docstring
+
+
+def _code_lines(node) -> int:
+    body = node.body
+    if len(body) > 1 and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]
+    return node.end_lineno - body[0].lineno + 1
+
+
+def test_modules_and_functions_stay_small():
+    """No module of the package over 400 lines and no function over 60 lines of code (docstrings aside)."""
+    too_long = []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        mod = _module_name(path)
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{mod}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if _code_lines(node) > MAX_FUNCTION_LINES:
+                    too_long.append(f"{mod}.{node.name}: {_code_lines(node)} lines")
+    assert not too_long, "\n".join(sorted(too_long))
