@@ -13,8 +13,9 @@ extractor, precision and recall per kind — objects, attribute bindings, relati
 A predicted item is a hit when an expected item of its prompt, not yet matched, is the same: words compare in lower
 case, and an object reference matches when the texts are equal or one is the other's last word ("kitchen table"
 and "table"), so a compound cut differently still names its object. Writes bench/results/concepts_<file>.json
-and prints the table and every miss. bench/data/everyday_prompts_heldout.yaml is a second set, kept out of
-development (its header says how).
+and prints the table and every miss. bench/data/everyday_prompts_heldout.yaml was a second set kept out of
+development and is a development set now (its misses were fixed); bench/data/everyday_prompts_heldout2.yaml is the
+held-out set, scored once (its header says how it was written).
 """
 
 from __future__ import annotations

@@ -18,7 +18,11 @@ How a parsed prompt is read (spaCy's small model parses it; the lexicon repairs 
    its last word that can be a noun, so "an orange star" is a star coloured orange and "an orange" is the fruit;
 4. modifiers with no head ("the car is red", "a car that is not red") bind through the dependency tree; a verb of
    action the parse hangs on a garment, a body part or an absent object describes who wears, has or lacks it ("a
-   chef in a white apron cooking", "a knight with a long beard wearing armor", "a man without shoes walking");
+   chef in a white apron cooking", "a knight with a long beard wearing armor", "a man without shoes walking").
+   A verb the lexicon lacks is an action all the same when the tagger and parser make it one and its ending shows
+   it ("a tiger resting", "a car parked"; ``category_source`` "parse"); a decade or year where a noun stands ("in
+   the 1970s") is the scene's era, and a bare unknown noun among tags after a comma ("..., f/1.8, soft light") a
+   word about the picture, a style;
 5. relations, positions, styles and negation attach to the runs around them. A relation places the one doing
    the verb before it ("a man holding an umbrella in the rain"), else the nearest object before it that is present
    and is not a garment, body part or accessory of the noun before ("a woman in a red dress on a beach"); each of

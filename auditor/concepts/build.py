@@ -22,11 +22,13 @@ class _Builder:
         self.head_tok: dict[int, int] = {}  # object key -> token index of its head noun
         self.runs: list[list[int]] = []
 
-    def add(self, role: str, start_tok: int, end_tok: int, lemma: str, category: str | None, **kw) -> int:
+    def add(self, role: str, start_tok: int, end_tok: int, lemma: str, category: str | None,
+            source: str | None = None, **kw) -> int:
+        """A new item; ``source`` says where a category the lexicon does not give came from ("parse")."""
         span = self.doc[start_tok:end_tok]
         cat = category or lexicon.UNKNOWN
         item = dict(role=role, text=span.text, lemma=lemma, category=cat,
-                    category_source="unknown" if cat == lexicon.UNKNOWN else "lexicon",
+                    category_source="unknown" if cat == lexicon.UNKNOWN else source or "lexicon",
                     start=span.start_char, end=span.end_char, first=start_tok, **kw)
         self.items.append(item)
         return len(self.items) - 1

@@ -6,9 +6,16 @@ from __future__ import annotations
 from auditor import lexicon
 from auditor.concepts.build import _Builder, _wearer
 from auditor.concepts.relations import _add_markers, _find_accessories
-from auditor.concepts.words import _LINKS, _NOUNS, _classify, _noun_capable, _runs, _style_categories, _Tok
+from auditor.concepts.words import (_LINKS, _NOUNS, _classify, _noun_capable, _numeral_kind, _runs,
+                                    _style_categories, _Tok)
 
 _SINGULAR_DETS = ("a", "an", "one", "the", "this", "that", "each", "every")
+_VERB_SLOTS = ("acl", "relcl", "advcl", "ROOT", "conj", "xcomp")  # a verb hung on a noun or heading the prompt
+# Inflections a verb read from its tag alone must show ("resting", "parked", "barks"); irregular forms ("sat",
+# "hung") are the lexicon's to know.
+_VERB_SHAPES = {"VBG": lambda w: w.endswith("ing") and len(w) > 5, "VBN": lambda w: w.endswith(("ed", "en")),
+                "VBD": lambda w: w.endswith("ed"), "VBZ": lambda w: w.endswith("s") and not w.endswith("ss"),
+                "VBP": lambda w: False}
 _ARGUMENTS = ("pobj", "dobj", "nsubj", "nsubjpass", "conj", "appos", "ROOT")  # noun slots, not modifier slots
 
 
@@ -33,6 +40,9 @@ def _read_run(b: _Builder, run: list[int], pending_count: dict | None) -> dict |
     key = target = None
     if x is None:
         pass
+    elif not pending_count and _tag_word(b, run, start, head, dets, mods):
+        key = target = b.add("style", start, head + 1, lexicon.normalise(doc[start : head + 1].text), "style",
+                             source="parse", negated=negated)  # "..., f/1.8, soft light", "..., 1970s, kodachrome"
     elif head_lemma in lexicon.markers("carriers") and mods:
         target = b.nearest_object(run[0])  # "a vase in lavender color": lavender describes the vase
     elif head_lemma in lexicon.markers("style_heads") and head - 1 in mods and (
@@ -72,6 +82,28 @@ def _read_run(b: _Builder, run: list[int], pending_count: dict | None) -> dict |
 
 
 
+def _tag_word(b: _Builder, run: list[int], start: int, head: int, dets: list[int], mods: list[int]) -> bool:
+    """A bare noun the lexicon does not know, in a comma-separated list of tags after what the prompt shows ("...,
+    85mm lens, f/1.8, soft light", "a street market in the 1970s, kodachrome"): a word about the picture (its
+    light, film or look), not a thing in it. Only when the comma follows a phrase that is no object (a style, an
+    era, a camera setting): after an object, a bare noun is one more of a list ("apples, pears, plums")."""
+    toks, doc = b.toks, b.doc
+    x = toks[head]
+    if dets or x.obj or x.style or x.count or x.t.pos_ not in _NOUNS or any(toks[i].count for i in mods):
+        return False
+    if any(toks[i].obj for i in range(start, head)):
+        return False
+    before, after = run[0] - 1, run[-1] + 1
+    if before < 1 or doc[before].text != "," or (after < len(doc) and doc[after].text != ","):
+        return False
+    prev = next((r for r in b.runs if r[-1] == before - 1), None)
+    if prev is None:
+        return False
+    owner = b.run_head.get(prev[0], -1)
+    return owner is None or owner < 0 or b.items[owner]["role"] != "object"
+
+
+
 def _head(toks: list[_Tok], body: list[int], dets: list[int]) -> int | None:
     """The run's head: its last word that can be a noun. Failing that, an attribute word standing where a noun
     stands ("a stone", "strawberries with cream")."""
@@ -81,9 +113,17 @@ def _head(toks: list[_Tok], body: list[int], dets: list[int]) -> int | None:
     last = toks[body[-1]].t if body else None
     if last is not None and last.pos_ in _NOUNS and last.dep_ not in ("compound", "amod", "nmod") and (
         dets or last.dep_ in _ARGUMENTS
-    ):
+    ) and not _era(toks[body[-1]]):
         return body[-1]
     return None
+
+
+
+def _era(x: _Tok) -> bool:
+    """A decade or a year standing where a noun stands ("a street market in the 1970s", "a diner from the
+    fifties"): the time the scene is set in, which describes the scene and is never an object of its own."""
+    return bool(x.attr) and x.attr[1] == "age" and (
+        _numeral_kind(x.t) == "era" or x.t.lower_ in lexicon.markers("decades"))
 
 
 
@@ -180,11 +220,18 @@ def _read(doc, markers) -> list[dict]:
                 continue
             toks[before].marker, toks[before].preposition = "relation", True  # "a cabin by the lake"
         pending = _read_run(b, run, pending)
-    for t in doc:  # verbs of action outside runs: "a man riding a horse"
+    in_runs = {i for r in runs for i in r}
+    for t in doc:  # verbs of action outside runs: "a man riding a horse", "three wolves howling at the moon"
         x = toks[t.i]
-        if t.pos_ == "VERB" and not x.marker and t.i not in b.token_owner and x.attr and x.attr[1] == "action":
-            if not any(it["first"] == t.i for it in b.items):
-                b.add("attribute", t.i, t.i + 1, x.attr[0], "action", binds_to=None, headless=True)
+        if not (t.pos_ == "VERB" or x.verb) or x.marker or t.i in b.token_owner or any(
+                it["first"] == t.i for it in b.items):
+            continue
+        if x.verb:  # "grey hair knitting": the tagger's noun, the reader's verb
+            b.add("attribute", t.i, t.i + 1, t.lower_, "action", source="parse", binds_to=None, headless=True)
+        elif x.attr and x.attr[1] == "action":
+            b.add("attribute", t.i, t.i + 1, x.attr[0], "action", binds_to=None, headless=True)
+        elif _action_by_tag(t, x, t.i in in_runs) and b.nearest_object(t.i) is not None:
+            b.add("attribute", t.i, t.i + 1, t.lemma_.lower(), "action", source="parse", binds_to=None, headless=True)
     _find_accessories(b)
     for it in b.items:  # modifiers without a noun of their own
         if it.pop("headless", False):
@@ -196,6 +243,24 @@ def _read(doc, markers) -> list[dict]:
     _add_markers(b, doc, toks)  # after negation: an absent object is nobody's relation
     _mark_negated(b, negs)
     return b.items
+
+
+
+def _action_by_tag(t, x: _Tok, in_run: bool) -> bool:
+    """A verb the lexicon does not list that still describes what an object does or how it is: a participle or a
+    finite verb the tagger and parser read as one ("a tiger resting under a tree", "a car parked on a street", "a
+    dog that barks"), outside any noun phrase, whose lemma is not one of the lexicon's verbs that depict or
+    compose rather than act ("a poster showing a cat", "a bowl filled with fruit"). A lexicon noun counts when the
+    parse makes it a verb outside a run ("two kids building a sandcastle")."""
+    if in_run or x.attr or x.style or x.count:
+        return False
+    if t.dep_ not in _VERB_SLOTS or not _VERB_SHAPES.get(t.tag_, lambda w: False)(t.lower_):
+        return False  # the inflection must show on the word: "hedgehog" tagged as a past tense is a noun
+    if t.tag_ in ("VBZ", "VBP", "VBD") and t.dep_ != "relcl" and not any(
+            ch.dep_ in ("nsubj", "nsubjpass") for ch in t.children):
+        return False  # a finite verb needs its subject ("a dog that barks", "a cat sleeps on a mat")
+    lemma = t.lemma_.lower()
+    return lemma.isalpha() and lemma not in lexicon.markers("not_actions")
 
 
 

@@ -18,7 +18,7 @@ class Concept:
     lemma: str
     role: str  # one of ROLE_ORDER
     category: str  # a lexicon category, or "unknown"
-    category_source: str  # "lexicon" | "override" | "unknown"
+    category_source: str  # "lexicon" | "override" | "parse" (a verb the lexicon lacks, by its tag) | "unknown"
     start: int  # character span [start, end) in the prompt
     end: int
     negated: bool = False

@@ -163,6 +163,7 @@ class _Tok:
     count: tuple[str, int | None] | None = None
     marker: str | None = None  # relation | position | style_marker
     preposition: bool = False  # a one-word relation ("on", "in", "with"), which never names a worn garment or a time
+    verb: bool = False  # an -ing word tagged as a noun that is the verb of the noun before it ("grey hair knitting")
 
     @property
     def det(self) -> bool:
@@ -220,11 +221,32 @@ def _classify(doc, markers) -> list[_Tok]:
     for span in filter_spans(found):
         for i in range(span.start, span.end):
             toks[i].marker = span.label_
+    for i, x in enumerate(toks):
+        x.verb = _gerund_after_noun(toks, i)
     preps = set(lexicon.markers("prepositions"))
     for x in toks:  # "on", "in", "under", "with": only where no longer phrase ("on the left", "in front of") took it
         if x.marker is None and x.t.lower_ in preps and x.t.pos_ in ("ADP", "SCONJ"):
             x.marker, x.preposition = "relation", True
     return toks
+
+
+def _gerund_after_noun(toks: list[_Tok], i: int) -> bool:
+    """An -ing word the tagger made a noun compounded with the lexicon noun before it, where a reader sees that
+    noun's owner doing something: "a woman with grey hair knitting by the fireplace". Only when the word is no
+    lexicon word and ends its phrase (a preposition, a comma, "and" or the end follows), so "a shopping bag" and
+    "a swimming pool" stay nouns."""
+    x = toks[i]
+    t = x.t
+    if t.tag_ != "NN" or not t.lower_.endswith("ing") or len(t.lower_) < 6 or i == 0:
+        return False
+    if x.obj or x.attr or x.style or x.count or x.marker:
+        return False
+    prev = toks[i - 1]
+    if not prev.obj or prev.t.pos_ not in _NOUNS or prev.style:
+        return False
+    nxt = t.doc[i + 1] if i + 1 < len(t.doc) else None
+    return nxt is None or nxt.pos_ in ("ADP", "PUNCT", "CCONJ", "SCONJ")
+
 
 
 _ERA = re.compile(r"^(\d{2}|')?\d0'?s$|^\d+-(year|month|week|day)s?-old$")
@@ -248,7 +270,7 @@ def _numeral_kind(t) -> str | None:
 def _nominal(x: _Tok, prev: _Tok | None) -> bool:
     """May this token stand in a nominal run?"""
     t = x.t
-    if x.marker:
+    if x.marker or x.verb:
         return False
     if x.det or x.count or x.style or x.transparent or t.pos_ in ("NUM", "ADJ") or t.pos_ in _NOUNS:
         return True
