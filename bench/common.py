@@ -72,16 +72,28 @@ def command() -> str:
 
 
 def load_v1(name: str = "shapes-v1"):
-    """The bundled model on the CPU (auditor.engine.models.LoadedModel: .pipe, .fingerprint)."""
+    """A model on the CPU (auditor.engine.models.LoadedModel: .pipe, .fingerprint): a bundled name (shapes-v1 by
+    default, or shapes-dit, a PixArt transformer) or a diffusers folder."""
     from auditor.engine.models import load_model
 
     return load_model(name, device="cpu")
 
 
+load_model = load_v1  # the same, under a name that does not suggest shapes-v1 only
+
+
+def model_slug(name: str) -> str:
+    """How a model names its result and cache files: a bundled name as it is, a folder by its last part."""
+    return Path(name).name
+
+
 def default_relevance_path(name: str = "shapes-v1") -> Path:
+    """The HRV matrix shipped beside a model: a bundled model's folder (or a diffusers folder) ``relevance.npz``."""
     from auditor.zoo import MODELS_DIR
 
-    return MODELS_DIR / name / "relevance.npz"
+    if (MODELS_DIR / name / "model_index.json").is_file() or not (Path(name) / "model_index.json").is_file():
+        return MODELS_DIR / name / "relevance.npz"
+    return Path(name) / "relevance.npz"
 
 
 def load_relevance(path: str | Path):
@@ -103,25 +115,31 @@ def segment_bounds(steps: int, segments: int) -> list[int]:
 
 def traced_batch(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS, guidance: float = GUIDANCE,
                  segments: int = 4, side: int = SIDE):
-    """Generate ``prompts`` (one image each, seeds fixed) under trace.
+    """Generate ``prompts`` (one image each, seeds fixed) under trace, with the keywords every pipeline call of the
+    audit adds (``auditor.engine.families.call_kwargs``: none for a UNet; for PixArt no resolution binning, the
+    caption as written, the text encoder's length).
 
     Returns (images uint8 [n, side, side, 3], per-segment traces). Segment ``q`` is a shallow copy of the trace
     whose buffers hold only the attention of its own steps, so everything in ``auditor.engine.maps`` works on it
     (a map of a window is the mean over the window's steps)."""
+    from auditor.engine.families import call_kwargs
     from auditor.engine.trace import trace
 
     bounds = segment_bounds(steps, segments)
     snaps: list[dict] = []
 
-    def on_step_end(_pipe, i, _t, kwargs):
+    def snapshot(i):
         if i + 1 in bounds:
             snaps.append({n: b.clone() for n, b in tr.buffers.items()})
+
+    def on_step_end(_pipe, i, _t, kwargs):
+        snapshot(i)
         return kwargs
 
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     with trace(pipe) as tr:
         out = pipe(prompts, generator=gens, num_inference_steps=steps, guidance_scale=guidance, height=side,
-                   width=side, output_type="np", callback_on_step_end=on_step_end)
+                   width=side, output_type="np", **step_callback(pipe, snapshot, on_step_end), **call_kwargs(pipe))
     imgs = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
     views, prev, prev_n = [], None, 0
     for snap, n in zip(snaps, bounds):
@@ -133,6 +151,18 @@ def traced_batch(pipe, prompts: list[str], seeds: list[int], steps: int = STEPS,
     if len(views) != segments:
         raise RuntimeError(f"expected {segments} segment snapshots, got {len(views)} (callback not called?)")
     return imgs, views, tr
+
+
+def step_callback(pipe, snapshot, on_step_end) -> dict:
+    """The keywords that have the pipeline call ``snapshot(i)`` after each denoising step i: ``callback_on_step_end``
+    where the pipeline takes it (SD, SDXL, SD3, Flux), else the older ``callback`` every step (PixArt-α, whose call
+    accepts and ignores ``callback_on_step_end``)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    if "callback_on_step_end" in params or "callback" not in params:
+        return {"callback_on_step_end": on_step_end}
+    return {"callback": lambda i, _t, _latents: snapshot(i), "callback_steps": 1}
 
 
 def layer_maps(trace, token_indices, item: int) -> dict[str, np.ndarray]:

@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/diagnostics.py tune   # shapes-v1 on the TUNING prompts -> auditor/thresholds.json
     .venv/bin/python bench/diagnostics.py eval   # shapes-v2 defects (precision / recall) + shapes-v1 false flags
+    .venv/bin/python bench/diagnostics.py tune --model shapes-dit     # another healthy model: thresholds into its
+    .venv/bin/python bench/diagnostics.py eval --model-v1 shapes-dit  # profile; its false flags (no defect twin)
+
+Another healthy model than shapes-v1 (``--model`` / ``--model-v1``: shapes-dit, the PixArt transformer, or a folder
+with its profile.json) is tuned and judged on the same prompt sets by the same rules; its generations are cached
+under its own tags (``shapes-dit-tune-*.pkl``) and its results go to ``bench/results/diagnostics_<model>.json``,
+never into shapes-v1's. It has no planted-defect twin, so ``eval`` measures its false flags only.
 
 Both modes run exactly what an audit runs for one image (``auditor.tasks.generate_one`` + ``image_record.generation_record``:
 the same concept extraction, selective maps, scores and flags) and check the image with the shapes-world oracle.
@@ -70,6 +77,7 @@ from auditor.summary import wilson  # noqa: E402
 from auditor.zoo.grammar import sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
 
+DEFAULT_MODEL = "shapes-v1"  # the healthy model; another (shapes-dit, a folder) gets its own caches and results
 TUNE_SEED, V1_EVAL_SEED, V2_EVAL_SEED = 1001, 2002, 3003
 STEPS, GUIDANCE, RESOLUTION = 20, 5.0, (64, 64)  # the default suite's settings
 CACHE = ROOT / "work_diag"
@@ -219,7 +227,13 @@ def load(model: str, relevance: str | None):
     from auditor.profile import profile_for
 
     lm = load_model(model, "cpu", "float32")
-    return lm, profile_for(lm, None, relevance)
+    profile = profile_for(lm, None, relevance)
+    heads = len(profile.relevance.head_names)
+    if profile.response_k > heads:  # every audit of the model would stop at its first concept
+        sys.exit(f"{model}: its profile's response_k {profile.response_k} exceeds its {heads} cross-attention heads "
+                 "(the category response takes the top response_k heads); rebuild its profile with a response_k of "
+                 f"at most {heads}")
+    return lm, profile
 
 
 def maps_key(profile) -> list:
@@ -243,6 +257,7 @@ def mention_of(s, concept) -> tuple[int, str] | None:
 
 def generate(lm, profile, samples: list, tag: str, keep_maps: bool = True) -> list[dict]:
     """One generation per sample (seed = its index in the set), cached; records as an audit writes them."""
+    from auditor.align import text_sequence
     from auditor.concepts import extract_many
     from auditor.image_record import generation_record, scored_concepts
     from auditor.tasks import generate_one
@@ -253,7 +268,8 @@ def generate(lm, profile, samples: list, tag: str, keep_maps: bool = True) -> li
     done = read_cache(path) if path.exists() else []
     if len(done) == len(samples):
         return done
-    extracted = extract_many([s.prompt for s in samples], tokenizer=lm.pipe.tokenizer)
+    # what the denoiser reads, as the audit aligns words (the tokenizer itself for a UNet)
+    extracted = extract_many([s.prompt for s in samples], tokenizer=text_sequence(lm.pipe))
     t0 = time.perf_counter()
     for i in range(len(done), len(samples)):
         s, cs = samples[i], extracted[i]
@@ -519,7 +535,7 @@ def tune(args) -> None:
     exclude = suite_prompts()
     tuning = grammar_set(TUNE_SEED, args.n, exclude)
     lm, profile = load(args.model, args.relevance)
-    gens = generate(lm, profile, tuning, "tune")
+    gens = generate(lm, profile, tuning, tag_for(args.model, "tune"))
     records = [g["concepts"] for g in gens]
     # Search the per-score quantile q so that the share of concepts with any flag is at most the target: over the
     # healthy ones only (default; a false-flag rate) or over all concepts of the tuning generations.
@@ -551,8 +567,11 @@ def tune(args) -> None:
         Path(args.out).write_text(json.dumps({**th.to_json(), "provenance": provenance}, indent=2) + "\n")
     res = {"tuning": {"generations": len(gens), "healthy_concepts": n_healthy, "q": q,
                       "false_flag_rate": achieved, "thresholds": th.to_json(),
-                      "written": [str(p.relative_to(ROOT)) for p in written] or [args.out]}}
-    _merge_results(res)
+                      "written": [shown(p) for p in written] or [args.out]}}
+    if args.model != DEFAULT_MODEL:
+        res["tuning"]["model"] = {"name": args.model, "fingerprint": lm.fingerprint, "pipeline": type(lm.pipe).__name__}
+        res["tuning"]["command"] = command()
+    _merge_results(res, args.model)
     print(json.dumps(res, indent=1))
 
 
@@ -598,7 +617,8 @@ def evaluate(args) -> None:
     lm, profile = load(args.model_v1, args.relevance_v1)
     th = profile.judging_thresholds()
     if th is None:
-        sys.exit(f"{args.model_v1}'s profile has no thresholds: run `bench/diagnostics.py tune` first")
+        sys.exit(f"{args.model_v1}'s profile has no thresholds: run `bench/diagnostics.py tune"
+                 f"{'' if args.model_v1 == DEFAULT_MODEL else ' --model ' + args.model_v1}` first")
     exclude = suite_prompts() | {s.prompt for s in grammar_set(TUNE_SEED, args.tune_n, suite_prompts())}
     res: dict = {"machine": f"{platform.machine()} ({platform.python_version()}), CPU",
                  "date": time.strftime("%Y-%m-%d"),
@@ -606,7 +626,10 @@ def evaluate(args) -> None:
                  "profile_sha256": profile.sha256, "thresholds": th.to_json()}
     # Healthy model, evaluation prompts: the false-flag rate.
     v1_set = grammar_set(V1_EVAL_SEED, args.v1_n, exclude)
-    g1 = generate(lm, profile, v1_set, "v1eval")
+    g1 = generate(lm, profile, v1_set, tag_for(args.model_v1, "v1eval"))
+    if args.model_v1 != DEFAULT_MODEL:
+        res["model"] = {"name": args.model_v1, "fingerprint": lm.fingerprint, "pipeline": type(lm.pipe).__name__}
+        res["command"] = command()
     res["v1_false_flags"] = {"healthy_concepts": false_flag_rate(g1, th),
                              "all_concepts": false_flag_rate(g1, th, healthy_only=False),
                              "relevance_sha256": profile.relevance.sha256}
@@ -615,18 +638,22 @@ def evaluate(args) -> None:
     res["v1_own_failures"] = own_failures(g1, th)
     res["v1_flag_rate_by_kind"] = {kind: false_flag_rate([g for g in g1 if g["kind"] == kind], th, healthy_only=False)
                                    for kind in sorted({g["kind"] for g in g1})}
-    _merge_results({"evaluation": res})
+    _merge_results({"evaluation": res}, args.model_v1)
     from auditor.zoo import MODELS_DIR
 
-    if args.skip_v2 or (args.model_v2 == "shapes-v2" and not (MODELS_DIR / "shapes-v2" / "model_index.json").is_file()):
+    if args.model_v2 is None:  # only shapes-v1 has a planted-defect twin (shapes-v2, judged by its profile)
+        args.model_v2 = "shapes-v2" if args.model_v1 == DEFAULT_MODEL else None
+    if args.skip_v2 or args.model_v2 is None or (
+            args.model_v2 == "shapes-v2" and not (MODELS_DIR / "shapes-v2" / "model_index.json").is_file()):
         print(json.dumps(res, indent=1))
-        print("defect evaluation skipped" + ("" if args.skip_v2 else ": shapes-v2 is not installed"))
+        print("defect evaluation skipped" + ("" if args.skip_v2 else f": no defect model for {args.model_v1}"
+                                             if args.model_v2 is None else ": shapes-v2 is not installed"))
         return
     # Broken model: planted defects, judged by its own profile's thresholds (v1's, inherited).
     v2_set = defect_set(args.per_defect, args.controls, exclude | {s.prompt for s in v1_set})
     lm, profile2 = load(args.model_v2, args.relevance_v2)
     th2 = profile2.judging_thresholds()
-    g2 = generate(lm, profile2, v2_set, "v2eval")
+    g2 = generate(lm, profile2, v2_set, tag_for(args.model_v2, "v2eval"))
     res["v2_defects"] = defect_scores(g2, th2)
     res["v2_defects"]["green_misbound_per_prompt"] = prompt_level_scores(g2, th2)
     res["v2_profile_sha256"] = profile2.sha256
@@ -637,7 +664,7 @@ def evaluate(args) -> None:
     res["v2_by_eye"] = by_eye(g2, th2, lm.fingerprint)
     # The trade-off the maps allow: the same per-score quantile rule at other q (healthy tuning concepts, as in
     # `tune`); shows whether any calibration could meet the goals, without choosing anything on these prompts.
-    tuned = _cached("tune")
+    tuned = _cached(tag_for(args.model_v1, "tune"))
     if tuned:
         records = [g["concepts"] for g in tuned]
         curve = []
@@ -649,7 +676,7 @@ def evaluate(args) -> None:
                           **{name: {"precision": v["precision"], "recall": v["recall"]} for name, v in d.items()}})
         res["tradeoff"] = curve
     res["v2_control_false_flags"] = false_flag_rate([g for g in g2 if not g["defects"]], th2)
-    _merge_results({"evaluation": res})
+    _merge_results({"evaluation": res}, args.model_v1)
     print(json.dumps(res, indent=1))
 
 
@@ -687,8 +714,33 @@ def neglect_signature(gens: list[dict]) -> dict:
     return out
 
 
-def _merge_results(part: dict) -> None:
-    p = ROOT / "bench/results/diagnostics.json"
+def results_path(model: str = DEFAULT_MODEL) -> Path:
+    """Where a model's results go: shapes-v1's (and shapes-v2's defects) to ``diagnostics.json`` as always, any other
+    model's to ``diagnostics_<model>.json`` (``<model>`` the bundled name or the folder's name)."""
+    slug = Path(model).name
+    return ROOT / "bench/results" / ("diagnostics.json" if slug == DEFAULT_MODEL else f"diagnostics_{slug}.json")
+
+
+def tag_for(model: str, tag: str) -> str:
+    """A generation set's cache tag: shapes-v1's and shapes-v2's as they always were ("tune", "v1eval", "v2eval"),
+    another model's prefixed with its name ("shapes-dit-tune"), so its sets never mix with theirs (``_cached``
+    picks the newest file of a tag)."""
+    slug = Path(model).name
+    return tag if slug in (DEFAULT_MODEL, "shapes-v2") else f"{slug}-{tag}"
+
+
+def command() -> str:
+    return ".venv/bin/python bench/diagnostics.py " + " ".join(sys.argv[1:])
+
+
+def shown(p: Path) -> str:
+    """A path relative to the repository when it is inside it."""
+    p = Path(p).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def _merge_results(part: dict, model: str = DEFAULT_MODEL) -> None:
+    p = results_path(model)
     cur = json.loads(p.read_text()) if p.is_file() else {}
     cur.update(part)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -700,8 +752,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    t = sub.add_parser("tune", help="calibrate thresholds on shapes-v1 (tuning prompts)")
-    t.add_argument("--model", default="shapes-v1")
+    t = sub.add_parser("tune", help="calibrate thresholds on the healthy model (tuning prompts)")
+    t.add_argument("--model", default=DEFAULT_MODEL,
+                   help="the healthy model whose profile gets the thresholds: shapes-v1 (and shapes-v2, which "
+                        "inherits them), shapes-dit, or a folder holding its profile.json")
     t.add_argument("--relevance", default=None, help="relevance matrix (default: the model's bundled one)")
     t.add_argument("--n", type=int, default=400, help="tuning prompts")
     t.add_argument("--target", type=float, default=TARGET_RATE, help="flag rate of healthy tuning concepts")
@@ -710,15 +764,17 @@ def main() -> None:
                         "or only those the oracle confirms drawn as asked")
     t.add_argument("--out", default=None, help="write the thresholds here instead of into the bundled profiles")
     e = sub.add_parser("eval", help="precision / recall on shapes-v2 defects; false flags on shapes-v1")
-    e.add_argument("--model-v1", default="shapes-v1")
-    e.add_argument("--model-v2", default="shapes-v2")
+    e.add_argument("--model-v1", default=DEFAULT_MODEL,
+                   help="the healthy model (false flags); another than shapes-v1 goes to diagnostics_<model>.json")
+    e.add_argument("--model-v2", default=None,
+                   help="the planted-defect model (default: shapes-v2 for shapes-v1; none for another model)")
     e.add_argument("--relevance-v1", default=None)
     e.add_argument("--relevance-v2", default=None)
     e.add_argument("--tune-n", type=int, default=400, help="tuning prompts to exclude (as tuned)")
     e.add_argument("--v1-n", type=int, default=200)
     e.add_argument("--per-defect", type=int, default=80)
     e.add_argument("--controls", type=int, default=30)
-    e.add_argument("--skip-v2", action="store_true", help="only the shapes-v1 false-flag part")
+    e.add_argument("--skip-v2", action="store_true", help="only the healthy model's false-flag part")
     c = sub.add_parser("selfcal", help="thresholds without the oracle (flag budgets) against the shipped ones")
     c.add_argument("--model-v1", default="shapes-v1")
     c.add_argument("--model-v2", default="shapes-v2")

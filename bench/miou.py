@@ -4,6 +4,7 @@
     .venv/bin/python bench/miou.py --n-tune 16 --n-test 16  # a quick look
     .venv/bin/python bench/miou.py --analyse-only           # re-score cached captures (no generation)
     .venv/bin/python bench/miou.py --relevance PATH.npz     # another head-relevance matrix
+    .venv/bin/python bench/miou.py --model shapes-dit       # the PixArt transformer (or a diffusers folder)
 
 Protocol
 - Prompts: ``auditor.zoo.grammar.sample(rng, "heldout")``, whose first object is always a held-out (shape, colour,
@@ -30,8 +31,15 @@ Protocol
   "oracle ranking" that orders heads by their tuning-split IoU (chosen on tuning, reported on test) bounds what
   any head selection could gain; per-head min-max normalisation before aggregation.
 
+Models: shapes-v1 by default; ``--model`` takes another bundled name (shapes-dit, the PixArt transformer on v1's VAE
+and text encoder, whose maps are on its 8x8 patch grid and whose ``all_heads`` is every head) or a diffusers
+folder. Each model is scored with its own relevance matrix (``relevance.npz`` beside it) and its own profile.
+A transformer has fewer heads than the largest k swept: a k above its head count is left out (not scored).
+
 Captures go to ``work_bench/miou_<split>.npz`` (keyed by model fingerprint and settings; reused when they match);
-results to ``bench/results/miou.json``; ``bench/report.py`` turns them into docs/benchmarks.md and figures.
+results to ``bench/results/miou.json``; for another model ``miou_<model>_<split>.npz`` and ``miou_<model>.json``
+(``<model>`` the bundled name or the folder's name). ``bench/report.py`` turns them into docs/benchmarks.md and
+figures.
 """
 
 from __future__ import annotations
@@ -51,13 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from stats import bootstrap_mean, iou, paired_difference  # noqa: E402
 
-from auditor.align import align_spans  # noqa: E402
+from auditor.align import align_spans, text_sequence  # noqa: E402
 from auditor.engine.heads import layer_of  # noqa: E402
 from auditor.engine.maps import binarize, concept_map, daam_weights, head_weights  # noqa: E402
 from auditor.zoo.grammar import sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
 from auditor.zoo.world import FRUIT  # noqa: E402
 
+DEFAULT_MODEL = "shapes-v1"
 TUNE_SEED, TEST_SEED = 6001, 6002
 IMAGE_SEED = {"tune": 10_000, "test": 20_000}
 SEGMENTS = 4
@@ -102,6 +111,7 @@ def concepts_of(s, found, tokenizer) -> list[dict]:
 def capture(lm, split: str, samples, batch: int, log) -> dict:
     """Generate every sample under trace; keep each concept's per-layer head maps per step segment."""
     pipe = lm.pipe
+    words = text_sequence(pipe)  # what the denoiser reads: the tokenizer itself for a UNet (as the audit aligns)
     base = IMAGE_SEED[split]
     rows, groups, text_groups, truths, images, daam, skipped, objects = [], {}, {}, [], [], [], 0, 0
     n_token_rows = 0
@@ -126,7 +136,7 @@ def capture(lm, split: str, samples, batch: int, log) -> dict:
                 grid = text[0][layer].shape[1:]
                 text_groups.setdefault(f"{grid[0]}x{grid[1]}", {}).setdefault(layer, []).append(
                     np.stack([p[layer].reshape(p[layer].shape[0], -1) for p in text]))
-            for c in concepts_of(s, found, pipe.tokenizer):
+            for c in concepts_of(s, found, words):
                 # each token's attention sums per segment (layer_maps gives the mean over the segment's steps):
                 # DAAM upsamples and clamps every token's map before it averages a word's tokens
                 c["g_rows"] = []
@@ -166,6 +176,17 @@ def capture(lm, split: str, samples, batch: int, log) -> dict:
                                                                                           1e-12) for i in range(len(rows))]
     meta["consistency_max_rel_diff"] = float(max(diffs)) if diffs else None
     return data
+
+
+def files_for(model: str) -> dict[str, Path]:
+    """The model's capture caches ("tune", "test") and results file: shapes-v1 keeps the names it always had
+    (``miou_<split>.npz``, ``miou.json``); any other model's carry its name (``miou_shapes-dit_tune.npz``)."""
+    slug = common.model_slug(model)
+    if slug == DEFAULT_MODEL:
+        return {"tune": common.CACHE / "miou_tune.npz", "test": common.CACHE / "miou_test.npz",
+                "results": common.RESULTS / "miou.json"}
+    return {"tune": common.CACHE / f"miou_{slug}_tune.npz", "test": common.CACHE / f"miou_{slug}_test.npz",
+            "results": common.RESULTS / f"miou_{slug}.json"}
 
 
 def cache_key(lm, split: str, n: int) -> str:
@@ -350,6 +371,20 @@ def rnd(d):
     return d
 
 
+def random_weights(H: int) -> np.ndarray:
+    """[len(KS) * RANDOM_DRAWS, H] the random-k control's head sets: RANDOM_DRAWS fixed-seed draws of k heads for
+    each k of KS, in that order. A k above H (a transformer with fewer heads) draws nothing and gets a row of NaN
+    (not scored); the draws of the other k are those a model with at least max(KS) heads gets."""
+    rng = np.random.default_rng(0)
+    W = np.zeros((len(KS) * RANDOM_DRAWS, H), np.float32)
+    for j, k in enumerate(k for k in KS for _ in range(RANDOM_DRAWS)):
+        if k > H:
+            W[j] = np.nan
+        else:
+            W[j, rng.choice(H, size=k, replace=False)] = 1.0
+    return W
+
+
 def analyse(tune: dict, test: dict, rm, log) -> dict:
     H = len(tune["meta"]["head_names"])
     check_weights(rm, H)
@@ -367,11 +402,7 @@ def analyse(tune: dict, test: dict, rm, log) -> dict:
     log(f"scored windows in {time.perf_counter() - t0:.0f} s")
     # control: k heads drawn at random (RANDOM_DRAWS fixed-seed draws per k, the same for every category; a
     # concept's IoU is the mean over the draws), all steps only. Does relevance beat chance selection?
-    rng = np.random.default_rng(0)
-    draws = [(k, rng.choice(H, size=k, replace=False)) for k in KS for _ in range(RANDOM_DRAWS)]
-    W_rand = np.zeros((len(draws), H), np.float32)
-    for j, (_, heads) in enumerate(draws):
-        W_rand[j, heads] = 1.0
+    W_rand = random_weights(H)
     for s_, d in split.items():
         R = score(d, lambda c: W_rand).reshape(-1, len(KS), RANDOM_DRAWS).mean(2)
         for w in WINDOWS:
@@ -522,11 +553,14 @@ def analyse(tune: dict, test: dict, rm, log) -> dict:
         if order is None:
             return np.full((len(KS), H), np.nan)
         for j, k in enumerate(KS):
-            W[j, order[:k]] = 1.0
+            if k > H:  # fewer heads than k (a transformer): not scored
+                W[j] = np.nan
+            else:
+                W[j, order[:k]] = 1.0
         return W
 
     Ot, Os = score(tune, oracle_wf), score(test, oracle_wf)
-    j_o = int(np.nanargmax([mean_of(Ot[:, j]) for j in range(len(KS))]))
+    j_o = int(np.nanargmax([mean_of(Ot[:, j]) if k <= H else np.nan for j, k in enumerate(KS)]))
     res["oracle_ranking"] = {"k": KS[j_o], "test": ci(Os[:, j_o], gens["test"]),
                              "diff_vs_all_heads": paired_difference(Os[:, j_o], T[:, 0], gens["test"]),
                              "curve_test": {str(k): mean_of(Os[:, j]) for j, k in enumerate(KS)},
@@ -595,23 +629,32 @@ def main() -> None:
     ap.add_argument("--n-tune", type=int, default=100, help="tuning-split generations")
     ap.add_argument("--n-test", type=int, default=200, help="test-split generations")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--relevance", default=None, help="head-relevance matrix (default: the shipped shapes-v1 one)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="a bundled model (shapes-v1, shapes-dit) or a diffusers folder with its relevance.npz and "
+                         "profile beside it or cached")
+    ap.add_argument("--relevance", default=None, help="head-relevance matrix (default: the one beside the model)")
     ap.add_argument("--analyse-only", action="store_true", help="use the cached captures; fail if missing")
     ap.add_argument("--fresh", action="store_true", help="generate again even when cached captures match")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(common.RESULTS / "miou.json"))
+    ap.add_argument("--out", default=None, help="results file (default: bench/results/miou.json for shapes-v1, "
+                                                "miou_<model>.json for another)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     log = common.Log("miou")
     mach = common.machine()
-    rel_path = Path(args.relevance) if args.relevance else common.default_relevance_path()
+    files = files_for(args.model)
+    args.out = args.out or str(files["results"])
+    rel_path = Path(args.relevance) if args.relevance else common.default_relevance_path(args.model)
+    if not rel_path.is_file():
+        sys.exit(f"{rel_path}: no head-relevance matrix; calibrate the model first (bundled: `python -m "
+                 f"auditor.zoo.profiles relevance {args.model}`, then `ranking`) or pass --relevance")
     rm = common.load_relevance(rel_path)
-    lm = common.load_v1()
+    lm = common.load_model(args.model)
     data = {}
     tune_samples = draw_samples(args.n_tune, TUNE_SEED)
     test_samples = draw_samples(args.n_test, TEST_SEED, exclude={s.prompt for s in tune_samples})
     for split, samples in (("tune", tune_samples), ("test", test_samples)):
-        path = common.CACHE / f"miou_{split}.npz"
+        path = files[split]
         key = cache_key(lm, split, len(samples))
         data[split] = None if args.fresh else load(path, key)
         if data[split] is None:
@@ -641,7 +684,10 @@ def main() -> None:
     gen_s = sum(m["generate_seconds"] for m in meta.values())
     n_gen = sum(m["generations"] for m in meta.values())
     out = {"benchmark": "miou", "command": common.command(), "machine": mach, "commit": common.git_commit(),
-           "model": {"name": "shapes-v1", "fingerprint": lm.fingerprint}, "relevance": common.relevance_record(rm, rel_path),
+           "model": {"name": args.model, "fingerprint": lm.fingerprint} | (
+               {} if args.model == DEFAULT_MODEL else {"pipeline": type(lm.pipe).__name__,
+                                                       "heads": len(data["tune"]["meta"]["head_names"])}),
+           "relevance": common.relevance_record(rm, rel_path),
            "settings": {"steps": common.STEPS, "guidance": common.GUIDANCE, "size": common.SIDE, "ks": list(KS),
                         "windows": {w: [a / SEGMENTS, b / SEGMENTS] for w, (a, b) in WINDOWS.items()},
                         "seeds": {"tune_prompts": TUNE_SEED, "test_prompts": TEST_SEED, "images": IMAGE_SEED,

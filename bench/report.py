@@ -3,9 +3,11 @@
     .venv/bin/python bench/report.py          # after the benchmarks (``make bench`` runs both)
 
 Replaces only these sections (each a ``## `` heading up to the next one), appending any that are missing:
-"Selective maps vs all heads (mIoU)", "Misinterpretation", "Calibration budget", "Costs summary". Every other
-section of the file is left as it is. Figures go to docs/figures/ (seaborn). Nothing here measures anything: every
-number comes from the JSON results, and sentences that judge a result are chosen by the numbers.
+"Selective maps vs all heads (mIoU)", "Misinterpretation", "Calibration budget", "Costs summary", and, once
+shapes-dit's results exist (``bench/results/miou_shapes-dit.json``, ``diagnostics_shapes-dit.json``), "Transformer
+maps against ground truth: shapes-dit beside shapes-v1". Every other section of the file is left as it is.
+Figures go to docs/figures/ (seaborn). Nothing here measures anything: every number comes from the JSON results,
+and sentences that judge a result are chosen by the numbers.
 """
 
 from __future__ import annotations
@@ -545,6 +547,153 @@ def cal_section(r: dict) -> str:
     return "\n".join(L)
 
 
+# --- a second bundled model: shapes-dit (issue 18) ---------------------------------------------------------------
+
+SECOND_MODEL = "shapes-dit"
+V1_DIAG_EVAL = ".venv/bin/python bench/diagnostics.py --threads 1 eval --per-defect 60 --controls 30 --v1-n 200"
+
+
+def flag_rate(d: dict | None) -> str:
+    """'3.4% (21 of 611; 2.3–5.2%)' for a rate record of bench/diagnostics.py."""
+    if not d or not d.get("n"):
+        return "n/a"
+    lo, hi = d["ci95"]
+    return f"{d['k'] / d['n']:.1%} ({d['k']:,} of {d['n']:,}; {lo:.1%}–{hi:.1%})"
+
+
+def recall_precision(d: dict | None) -> str:
+    if not d:
+        return "n/a"
+    r, p = d["recall"], d["precision"]
+    return (f"{r['rate']:.2f} / {p['rate']:.2f}" if r.get("n") and p.get("n") else "n/a") + \
+        f" ({d['failing_concepts']} failing, {d['flagged']} flagged)"
+
+
+def v1_tuning_command() -> str | None:
+    """The command that set shapes-v1's thresholds, as its profile records it."""
+    from auditor.zoo import MODELS_DIR
+
+    try:
+        prov = json.loads((MODELS_DIR / "shapes-v1" / "profile.json").read_text()).get("provenance", {})
+    except (OSError, ValueError):
+        return None
+    cmd = (prov.get("thresholds") or {}).get("command") if isinstance(prov.get("thresholds"), dict) else None
+    return cmd.replace("python bench/", ".venv/bin/python bench/", 1) if cmd and cmd.startswith("python ") else cmd
+
+
+def second_model_section(v1_miou: dict | None, v1_diag: dict | None, miou2: dict | None, diag2: dict | None,
+                         name: str = SECOND_MODEL, v1_tune_command: str | None = None) -> str:
+    """shapes-dit's mIoU table and diagnostics flag rates beside shapes-v1's: the same benches, prompts and rules on
+    a transformer (maps on its patch grid, DAAM-style ``all_heads`` = every head). Each column's command is shown."""
+    L = [f"## Transformer maps against ground truth: {name} beside shapes-v1", ""]
+    L += [f"`{name}` is a PixArt-α transformer trained on the shapes world over shapes-v1's frozen VAE and CLIP "
+          "text encoder; its cross-attention maps are on its patch grid, and DAAM's default (`all_heads`) is every "
+          "head (a transformer has no mid block to leave out). The ground-truth benches run on it unchanged: the "
+          "same prompts, seeds, oracle, map aggregation and threshold rule as shapes-v1's sections above "
+          "(\"Selective maps vs DAAM (mIoU)\", \"Diagnostics\"), each model with its own relevance matrix, "
+          "localisation ranking, k and thresholds.", ""]
+    if miou2:
+        L += ["### mIoU (test split)", "", "```sh"]
+        if v1_miou:
+            L.append(v1_miou["command"] + "   # shapes-v1")
+        L += [miou2["command"] + f"   # {name}", "```", "",
+              f"Machine ({name}): {machine_line(miou2)}.", ""]
+        cols = ([("shapes-v1", v1_miou)] if v1_miou else []) + [(name, miou2)]
+
+        def heads(r):
+            n = r.get("model", {}).get("heads") or len(next(iter(r["per_head"].values()))["head_iou"])
+            return f"{n} heads"
+
+        L += ["| | " + " | ".join(f"{c} ({heads(r)})" for c, r in cols) + " |", "|---|" + "---|" * len(cols)]
+
+        def row(label, get):
+            vals = []
+            for _, r in cols:
+                try:
+                    vals.append(get(r))
+                except (KeyError, TypeError):
+                    vals.append("n/a")
+            L.append(f"| {label} | " + " | ".join(vals) + " |")
+
+        row("generations / concepts (test)", lambda r: f"{r['splits']['test']['generations']} / "
+                                                      f"{r['splits']['test']['concepts']}")
+        row("all_heads (DAAM)", lambda r: ci(r["test"]["main"]["all_heads"]))
+        row("selective, HRV top k (k chosen on tuning)",
+            lambda r: f"{ci(r['test']['main']['selective'])} (k {r['tuning']['k']})")
+        row("bottom_k, HRV (same k)", lambda r: ci(r["test"]["main"]["bottom_k"]))
+        row("HRV selective minus all_heads", lambda r: signed(r["test"]["main"]["diff_vs_all_heads"]["selective"]))
+        row("profile: selective (localisation ranking, own k per category)", lambda r: ci(r["profile"]["selective"]))
+        row("profile: bottom_k (same k)", lambda r: ci(r["profile"]["bottom_k"]))
+        row("profile: k per category", lambda r: ", ".join(
+            f"{c if c != '*' else 'pooled'} {k}" for c, k in r["profile"]["k"].items()))
+        row("profile selective minus all_heads", lambda r: signed(r["profile"]["selective_minus_all_heads"]))
+        row("profile selective minus bottom_k", lambda r: signed(r["profile"]["selective_minus_bottom_k"]))
+        row("oracle ranking (bound on any head selection)",
+            lambda r: f"{ci(r['oracle_ranking']['test'])} (k {r['oracle_ranking']['k']})")
+        row("objects not found by the oracle (test)", lambda r: f"{r['splits']['test']['skipped_objects']} of "
+                                                               f"{r['splits']['test']['objects']}")
+        p2 = miou2.get("profile")
+        if p2:
+            L += ["", f"{name}, profile selective minus all_heads (DAAM): {signed(p2['selective_minus_all_heads'])} "
+                  f"({verdict(p2['selective_minus_all_heads'])}); minus bottom-k: "
+                  f"{signed(p2['selective_minus_bottom_k'])} ({verdict(p2['selective_minus_bottom_k'])}).", "",
+                  f"Per category ({name}, profile ranking):", "",
+                  "| category | concepts | k | selective | all_heads (DAAM) | bottom_k | selective minus all_heads |",
+                  "|---|---|---|---|---|---|---|"]
+            for c, d in p2["per_category"].items():
+                L.append(f"| {c} | {d['concepts']} | {d['k']} | {ci(d['selective'])} | {ci(d['all_heads'])} | "
+                         f"{ci(d['bottom_k'])} | {signed(d['selective_minus_all_heads'])} |")
+        L.append("")
+    if diag2:
+        t2, e2 = diag2.get("tuning"), diag2.get("evaluation")
+        t1, e1 = (v1_diag or {}).get("tuning"), (v1_diag or {}).get("evaluation")
+        L += ["### Diagnostics: flag rates of a healthy model", "",
+              "Thresholds by the oracle on the TUNING prompts (each model's own, into its profile), false flags on "
+              "the HEALTHY-EVAL prompts; healthy = the oracle finds every named object in its named colour (and "
+              "named position). No planted-defect model exists for the transformer, so it has no precision / "
+              "recall on defects.", "", "```sh"]
+        if v1_diag:
+            L += [(v1_tune_command or ".venv/bin/python bench/diagnostics.py --threads 1 tune --n 400")
+                  + "   # shapes-v1", V1_DIAG_EVAL + "   # shapes-v1"]
+        for part in (t2, e2):
+            if part and part.get("command"):
+                L.append(part["command"] + f"   # {name}")
+        L += ["```", ""]
+        if e2 and e2.get("machine"):
+            L += [f"Machine ({name}): {e2['machine']}; {e2.get('date', '')}.", ""]
+        cols = ([("shapes-v1", t1, e1)] if v1_diag else []) + [(name, t2, e2)]
+        L += ["| measure | " + " | ".join(c for c, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+
+        def drow(label, get):
+            vals = []
+            for _, t, e in cols:
+                try:
+                    vals.append(get(t, e))
+                except (KeyError, TypeError, AttributeError):
+                    vals.append("n/a")
+            L.append(f"| {label} | " + " | ".join(vals) + " |")
+
+        drow("TUNING generations / healthy concepts", lambda t, e: f"{t['generations']} / {t['healthy_concepts']:,}")
+        drow("q (threshold quantile)", lambda t, e: f"{t['q']:.4f}")
+        drow("TUNING, healthy concepts flagged (what q was set on)",
+             lambda t, e: flag_rate(t["false_flag_rate"]["healthy_concepts"]))
+        drow("TUNING, all concepts", lambda t, e: flag_rate(t["false_flag_rate"]["all_concepts"]))
+        drow("HEALTHY-EVAL, healthy concepts flagged (false flags)",
+             lambda t, e: flag_rate(e["v1_false_flags"]["healthy_concepts"]))
+        drow("HEALTHY-EVAL, all concepts", lambda t, e: flag_rate(e["v1_false_flags"]["all_concepts"]))
+        drow("HEALTHY-EVAL flags by type (all concepts)", lambda t, e: ", ".join(
+            f"{k} {v}" for k, v in sorted(e["v1_false_flags"]["all_concepts"]["by_type"].items())) or "none")
+        drow("own failures found (recall / precision)", lambda t, e: recall_precision(e["v1_own_failures"]))
+        drow("k per category", lambda t, e: ", ".join(f"{c if c != '*' else 'pooled'} {k}"
+                                                      for c, k in e["k_per_category"].items()))
+        loc = sorted({k for _, _, e in cols if e for k in e.get("v1_localisation", {})})
+        for key in loc:
+            drow(f"localisation `{key}` (own object denser; 0.5 = chance)",
+                 lambda t, e, key=key: f"{e['v1_localisation'][key]['rate']:.2f} (n {e['v1_localisation'][key]['n']})")
+        L.append("")
+    return "\n".join(L)
+
+
 # --- costs -----------------------------------------------------------------------------------------------------
 
 
@@ -826,6 +975,11 @@ def main() -> None:
     given = load("image_maps")
     if given:
         sections.append(("Maps of given images", image_maps_section(given)))
+    second = {"miou": load(f"miou_{SECOND_MODEL}"), "diag": load(f"diagnostics_{SECOND_MODEL}")}
+    if second["miou"] or second["diag"]:  # only once its benches have run
+        sections.append((f"Transformer maps against ground truth: {SECOND_MODEL} beside shapes-v1",
+                         second_model_section(results["miou"], diag, second["miou"], second["diag"],
+                                              v1_tune_command=v1_tuning_command())))
     sections.append(("Costs summary", costs_section(results, elapsed)))
     for title, body in sections:
         doc = replace_section(doc, title, body)

@@ -76,6 +76,7 @@ def build_ranking(name: str, budget: int, threads: int, first: int) -> None:
     hr = calibrate_localisation(lm.pipe, prompts, word_targets(prompts, text_sequence(lm.pipe)), steps=STEPS,
                                 guidance_scale=GUIDANCE, seed=0, first=first, fingerprint=lm.fingerprint,
                                 prompt_source=source)
+    response_k = min(RESPONSE_K, len(rm.head_names))  # a model with fewer heads reads all of them
     provenance.update({
         "tool": manifest_base([]).get("tool"),
         "model_fingerprint": lm.fingerprint,
@@ -87,11 +88,12 @@ def build_ranking(name: str, budget: int, threads: int, first: int) -> None:
                     "guidance": GUIDANCE, "seed": 0, "version": __version__,
                     "command": f"python -m auditor.zoo.profiles ranking {name} --budget {budget} --first {first}",
                     "seconds": round(time.perf_counter() - t0, 1)},
-        "response_k": f"{RESPONSE_K}: the category response's k since bench/misinterpretation.py measured it",
+        "response_k": f"{response_k}: the category response's k since bench/misinterpretation.py measured it"
+                      + ("" if response_k == RESPONSE_K else f" ({RESPONSE_K}, capped at the model's heads)"),
         "image_checks": "both on: the shapes world's plain backgrounds and flat colours are what auditor.pixels reads",
     })
     provenance.setdefault("thresholds", "none yet: bench/diagnostics.py tune writes them")
-    prof = AuditProfile(lm.fingerprint, rm, hr, "localisation", RESPONSE_K, old.thresholds if old else None,
+    prof = AuditProfile(lm.fingerprint, rm, hr, "localisation", response_k, old.thresholds if old else None,
                         provenance=provenance)
     prof.save(path_of(name))
     print(f"{name}: {hr.budget_prompts} prompts, converged {hr.converged}, k {hr.k_per_category()} -> "
