@@ -21,21 +21,34 @@ NAMES = [m.name for m in bundled_models()]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# each bundled pipeline class and the cross-attention heads its denoiser has
+HEADS = {"StableDiffusionPipeline": 56, "PixArtAlphaPipeline": 36}
+
+
+def _denoiser_folder(name: str) -> tuple[str, str]:
+    """(component folder, diffusers class) of a bundled model's denoiser, from its model_index.json."""
+    index = json.loads((MODELS_DIR / name / "model_index.json").read_text())
+    sub = "unet" if "unet" in index else "transformer"
+    return sub, index[sub][1]
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def pipe(request):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    p = StableDiffusionPipeline.from_pretrained(MODELS_DIR / request.param, torch_dtype=torch.float32,
-                                                local_files_only=True)
+    p = DiffusionPipeline.from_pretrained(MODELS_DIR / request.param, torch_dtype=torch.float32,
+                                          local_files_only=True)
     p.set_progress_bar_config(disable=True)
     p.bundled_name = request.param
     return p
 
 
 def _gen(pipe, seed, prompt="a big red circle and a small blue star", steps=4):
+    from auditor.engine.families import call_kwargs
+
     g = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, height=64, width=64, generator=g,
-                output_type="np").images[0]
+                output_type="np", **call_kwargs(pipe)).images[0]
 
 
 def test_shapes_v1_is_bundled_and_small():
@@ -44,7 +57,7 @@ def test_shapes_v1_is_bundled_and_small():
         weights = sum(p.stat().st_size for p in m.path.rglob("*.safetensors"))
         assert weights <= 15e6, (m.name, weights)
         assert not list(m.path.rglob("*.bin")) and not list(m.path.rglob("*.ckpt"))
-        assert json.loads((m.path / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+        assert json.loads((m.path / "model_index.json").read_text())["_class_name"] in HEADS
 
 
 def test_loads_offline_and_is_deterministic(pipe):
@@ -62,7 +75,7 @@ def test_every_weight_comes_from_its_file(pipe):
     initialised with only a warning."""
     from safetensors.torch import load_file
 
-    for name in ("text_encoder", "unet", "vae"):
+    for name in ("text_encoder", _denoiser_folder(pipe.bundled_name)[0], "vae"):
         saved = {}
         for f in sorted((MODELS_DIR / pipe.bundled_name / name).glob("*.safetensors")):
             saved.update(load_file(f))
@@ -110,14 +123,14 @@ def test_context_is_cut_to_the_shapes_prompts(pipe):
     assert max(len(pipe.tokenizer(p)["input_ids"]) for p in prompts) <= n
 
 
-def test_trace_leaves_the_image_unchanged_and_sees_56_heads(pipe):
+def test_trace_leaves_the_image_unchanged_and_sees_every_head(pipe):
     from auditor import trace
 
     plain = _gen(pipe, 3)
     with trace(pipe) as tr:
         traced = _gen(pipe, 3)
     np.testing.assert_allclose(plain, traced, atol=1e-5)
-    assert tr.head_index.total == 56
+    assert tr.head_index.total == HEADS[type(pipe).__name__]
     m = tr.maps("star", method="all_heads")
     assert m.shape == (64, 64) and np.isfinite(m).all() and m.max() > 0
 
@@ -147,14 +160,16 @@ def test_models_command_lists_cards(cli):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_card_counts_the_heads_the_unet_has(name):
-    from diffusers import UNet2DConditionModel
+def test_card_counts_the_heads_the_denoiser_has(name):
+    import diffusers
 
-    from auditor.engine.heads import HeadIndex
+    from auditor.engine.heads import HeadIndex, text_attention_modules
     from auditor.zoo.card import card_for
 
-    unet = UNet2DConditionModel.from_pretrained(MODELS_DIR / name / "unet")
-    index = HeadIndex.from_unet(unet)
+    sub, cls = _denoiser_folder(name)
+    net = getattr(diffusers, cls).from_pretrained(MODELS_DIR / name / sub)
+    mods = text_attention_modules(net)
+    index = HeadIndex(tuple(n for n, _ in mods), tuple(int(m.heads) for _, m in mods))
     said = card_for(MODELS_DIR / name, None)["architecture"]["cross_attention"]
     assert said.startswith(f"{len(index.layers)} layers x ") and f"= {index.total} heads" in said
 

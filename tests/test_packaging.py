@@ -24,7 +24,8 @@ def test_installed_package_finds_its_data(tmp_path):
         "assert r.suites_dir().joinpath('shapes-default.yaml').is_file()\n"
         "for m in bundled_models(): assert (m.path / 'profile.json').is_file(), m\n"
         "ms = bundled_models(); assert ms\n"
-        "for m in ms: assert (m.path / 'unet' / 'diffusion_pytorch_model.safetensors').is_file(), m\n"
+        "for m in ms: assert any((m.path / d / 'diffusion_pytorch_model.safetensors').is_file() "
+        "for d in ('unet', 'transformer')), m\n"
         "print(auditor.__file__)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},

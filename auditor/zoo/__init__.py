@@ -1,4 +1,5 @@
-"""The bundled reference models (shapes-v1 healthy, shapes-v2 with planted defects) and the world they learned."""
+"""The bundled reference models (shapes-v1 healthy, shapes-v2 with planted defects, shapes-dit a PixArt transformer on
+v1's VAE and text encoder) and the world they learned."""
 
 from __future__ import annotations
 
@@ -83,5 +84,5 @@ def calibration_prompt_source(n: int, seed: int = 0) -> str:
 
 registry.register(registry.ModelSource(
     name="auditor.zoo", models=lambda: {m.name: m.path for m in bundled_models()}, folder=MODELS_DIR,
-    owns=re.compile(r"shapes-v\d+"), lexicon=lexicon, prompts=calibration_prompts,
+    owns=re.compile(r"shapes-(v\d+|dit)"), lexicon=lexicon, prompts=calibration_prompts,
     prompt_source=calibration_prompt_source))

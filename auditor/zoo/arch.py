@@ -81,3 +81,32 @@ def build():
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     return vae, text_encoder, unet
+
+# shapes-dit: PixArt-α's transformer (cross-attention to the text in every block, padding tokens masked) on the same
+# 4x16x16 latent, patch 2 (8x8 = 64 image tokens), reading shapes-v1's frozen CLIP text states (width TEXT_WIDTH,
+# projected to the transformer's width as PixArt projects T5's). 6 blocks x 6 heads = 36 cross-attention heads of
+# width 32; about 3.9M parameters, 0.56-0.7 s for a batch of 32 on one CPU thread. Chosen over 8 blocks x 8 heads of
+# width 16 (2.3M, 0.46 s): after 400 steps each at lr 2e-3 its validation loss was 0.44 against 0.49.
+DIT_CONFIG = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,  # no learned variance: a DDIM sampler needs only the prediction
+    num_layers=6,
+    num_attention_heads=6,
+    attention_head_dim=32,
+    cross_attention_dim=6 * 32,  # PixArt projects the caption to the transformer's width before attn2
+    caption_channels=TEXT_WIDTH,
+    norm_num_groups=8,
+)
+
+# What a PixArt pipeline call needs for these models: no resolution bins at 64x64, no caption cleaning (it needs
+# extra packages and would change the prompt the tokens are aligned to), the text encoder's 24 positions.
+PIXART_CALL = dict(use_resolution_binning=False, clean_caption=False, max_sequence_length=CONTEXT_LENGTH)
+
+
+def build_dit():
+    """A fresh, randomly initialised shapes-dit transformer."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(**DIT_CONFIG)

@@ -33,12 +33,16 @@ def recipe_command(ap: argparse.ArgumentParser, args: argparse.Namespace, **effe
 def parser(description: str | None = None) -> argparse.ArgumentParser:
     """The options of ``python -m auditor.zoo.train`` (``description``: its help text)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", choices=["v1", "v2"], required=True)
+    ap.add_argument("--version", choices=["v1", "v2", "dit"], required=True)
     ap.add_argument("--from", dest="init", default=None, help="fine-tune from this bundled model (v2: shapes-v1)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-from", default=None,
-                    help="v1: reuse the VAE of this bundled model or folder instead of training one (saves ~10 min)")
+                    help="v1: reuse the VAE of this bundled model or folder instead of training one (saves ~10 "
+                         "min); dit: the frozen VAE (default shapes-v1)")
+    ap.add_argument("--text-from", default=None,
+                    help="dit: the frozen text encoder and tokenizer of this bundled model or folder (default: the "
+                         "VAE's model, shapes-v1)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)

@@ -2,14 +2,17 @@
 
     python -m auditor.zoo.replay shapes-v2 --out work_zoo/replay            # v1's stages, then v2's
     python -m auditor.zoo.replay shapes-v1 --out work_zoo/replay --dry-run  # print the commands only
+    python -m auditor.zoo.replay shapes-dit --out work_zoo/replay-dit --threads 1
 
 A bundled model is the last of several runs of ``auditor.zoo.train`` (a base run, then fine-tunes ``--from
 shapes-v1``), each recorded with its parent. Replaying runs the recorded commands in order, each fine-tune from the
 previous stage's export in ``OUT/stage<i>`` (never from the bundled model), and writes the wall time of each stage
 to ``OUT/replay.json``. The base stage trains its VAE too: where the recorded run reused an older VAE
 (``--vae-from``), the replay does not, so a replay is the full cost from nothing, and its weights differ from the
-bundled ones. A killed replay continues where it stopped: finished stages are skipped, the running one resumes
-from its checkpoint.
+bundled ones. shapes-dit is one run on shapes-v1's frozen VAE and text encoder: by design its replay reads them
+from the bundled shapes-v1 (``--text-from`` is kept; without ``--vae-from`` a dit run takes shapes-v1's), so it
+retrains the transformer only. A killed replay continues where it stopped: finished stages are skipped, the running
+one resumes from its checkpoint.
 """
 
 from __future__ import annotations
