@@ -144,6 +144,14 @@ def test_an_uncalibrated_profile_maps_flags_nothing_and_says_so(model_copy, tmp_
     assert "Uncalibrated" in html
 
 
+def test_an_uncalibrated_bundled_model_is_not_judged(cli, tmp_path):
+    """shapes-dit ships no thresholds (its oracle tune could not separate failures): its audit says so, never PASS."""
+    code, out, err = cli("audit", "shapes-default", "--model", "shapes-dit", "--out", str(tmp_path / "run"),
+                         "--no-pdf", "--seeds", "0", "--steps", "2")
+    assert code == 0, err
+    assert "acceptance: not judged (uncalibrated)" in out and "PASS" not in out and "uncalibrated" in err
+
+
 def test_a_repeated_extreme_value_is_flagged_whole_not_never():
     # 10% of the colour words have none of their colour at all (share exactly 0): a quantile below that tie must
     # still flag them, or the rule could never fire on the clearest failures

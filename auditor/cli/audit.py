@@ -93,7 +93,9 @@ def audit_cmd(
         if len(failing) > FAILING_SHOWN:
             typer.echo(f"  ... and {len(failing) - FAILING_SHOWN} more failing concepts (report, 'Concepts that fail')")
         acc = s.get("acceptance") or {}
-        if acc.get("declared"):
-            typer.echo(f"acceptance: {'PASS' if acc['passed'] else 'FAIL'}")
+        if acc.get("declared"):  # an uncalibrated profile flags nothing: its PASS would say nothing
+            verdict = ("not judged (uncalibrated)" if not s.get("calibrated", True)
+                       else "PASS" if acc["passed"] else "FAIL")
+            typer.echo(f"acceptance: {verdict}")
         typer.echo("report: " + ", ".join(str(x) for x in result.files if x.suffix in (".html", ".pdf")))
     raise_gate(result)
