@@ -204,6 +204,12 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
                                                                 range(threshold_prompts)],
                                                      flag_budget, max_flag_rate, steps, guidance, seed, progress,
                                                      executor)
+        if q <= 0.0:  # every informative cut flagged more than the budget: thresholds at the extremes cannot fail
+            prof.provenance["thresholds"] = (
+                f"none: uncalibrated. At every quantile q above 0 the thresholds flagged more than {flag_budget:.0%} "
+                f"of the {threshold_prompts} threshold generations' concepts, so they would sit at the scores' "
+                "extremes and flag nothing: this model's maps do not separate its concepts (auditor.calibration)")
+            return prof
         prof.thresholds = th
         prof.provenance["thresholds"] = {
             "how": "self-calibrated: each score's cut at the q / (1 - q) quantile over every concept of the "
