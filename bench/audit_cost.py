@@ -62,7 +62,7 @@ def main() -> None:
     from auditor.suites import load_suite
 
     suite = load_suite(find_suite(SUITE))
-    pipe = common.load_v1().pipe
+    pipe = common.load_model().pipe
     res_hw = suite.defaults.resolution or (common.SIDE, common.SIDE)
     plain = []
     size = {"height": res_hw[0], "width": res_hw[1]}

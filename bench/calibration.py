@@ -4,7 +4,7 @@
     .venv/bin/python bench/calibration.py --budget 256    # as many prompts as the shipped matrix
     .venv/bin/python bench/calibration.py --relevance PATH.npz
 
-Runs the engine's own calibration voter (``auditor.engine.hrv``: one word per lexicon category drawn per step,
+Runs the engine's own calibration batches (``auditor.engine.hrv.vote_batch``: one word per lexicon category drawn per step from the batch's own seed,
 every head votes for the category it attends to most) on shapes-grammar prompts from a seed the shipped matrix did
 not use (``PROMPT_SEED``; the shipped one used seed 0), 20 steps, guidance 5, and snapshots the votes at growing
 budgets. At each budget n, per category, the Jaccard similarity of the top-k head sets:
@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from auditor.engine.capture import tapped  # noqa: E402
-from auditor.engine.hrv import ConceptBank, _Voter  # noqa: E402
+from auditor.engine.hrv import vote_batch  # noqa: E402
 from auditor.engine.relevance import ORIGINAL_BUDGET, jaccard_topk, normalise_rows  # noqa: E402
 from auditor.zoo import lexicon  # noqa: E402
 from auditor.zoo.grammar import sample_prompts  # noqa: E402
@@ -71,26 +70,25 @@ def main() -> None:
     rel_path = Path(args.relevance) if args.relevance else common.default_relevance_path()
     ref = common.load_relevance(rel_path)
     ks = sorted(set(args.k or [4, 8, 16]) | {ref.k})
-    lm = common.load_v1()
+    lm = common.load_model()
     pipe = lm.pipe
     prompts = sample_prompts(args.budget, PROMPT_SEED)
-    bank = ConceptBank(pipe, lexicon())
-    if tuple(bank.categories) != tuple(ref.categories):
-        sys.exit(f"categories differ from the reference matrix: {bank.categories} vs {ref.categories}")
-    voter = _Voter(pipe, bank, PROMPT_SEED)
+    words = lexicon()
+    categories = tuple(c for c, ws in words.items() if ws)
+    if categories != tuple(ref.categories):
+        sys.exit(f"categories differ from the reference matrix: {categories} vs {ref.categories}")
     marks = [m for m in MARKS if m < args.budget] + [args.budget]
     snaps: dict[int, np.ndarray] = {}
-    done = 0
-    with tapped(voter):
-        for mark in marks:
-            while done < mark:
-                batch = prompts[done:min(done + args.batch, mark)]
-                g = torch.Generator("cpu").manual_seed(PROMPT_SEED + done)
-                pipe(batch, num_inference_steps=common.STEPS, guidance_scale=common.GUIDANCE, generator=g,
-                     height=common.SIDE, width=common.SIDE, output_type="latent")
-                done += len(batch)
-            snaps[mark] = voter.votes.numpy().copy()
-            print(f"[calibration {time.perf_counter() - t0:5.0f}s] {mark}/{args.budget} prompts", flush=True)
+    done, votes = 0, None
+    size = {"height": common.SIDE, "width": common.SIDE}
+    for mark in marks:
+        while done < mark:  # the engine's own batches (hrv.vote_batch), as `auditor calibrate` runs them
+            batch = prompts[done:min(done + args.batch, mark)]
+            _, batch_votes = vote_batch(pipe, batch, words, done, common.STEPS, common.GUIDANCE, PROMPT_SEED, size)
+            votes = batch_votes if votes is None else votes + batch_votes
+            done += len(batch)
+        snaps[mark] = votes.copy()
+        print(f"[calibration {time.perf_counter() - t0:5.0f}s] {mark}/{args.budget} prompts", flush=True)
     seconds = time.perf_counter() - t0
     final = normalise_rows(snaps[marks[-1]])
     shipped = ref.matrix

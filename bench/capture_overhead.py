@@ -45,9 +45,9 @@ def load_pipe(model: str = "shapes-v1"):
         sys.path.insert(0, str(ROOT / "tests"))
         import tiny_dit
 
-        pipe = tiny_dit.BUILDERS[model[len("tiny-"):]]()
+        family = model[len("tiny-"):]
         # 64 px is the tests' size; 256 px gives the attention SD-like query counts (256 to 1024 image tokens)
-        return pipe, f"tiny {model[5:]} copy (random weights, tests/tiny_dit.py)", [64, 256]
+        return tiny_dit.BUILDERS[family](), f"tiny {family} copy (random weights, tests/tiny_dit.py)", [64, 256]
     if bundled_model(model) is not None:
         from auditor.engine.models import load_model
 

@@ -71,15 +71,12 @@ def command() -> str:
     return ".venv/bin/python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT))] + sys.argv[1:])
 
 
-def load_v1(name: str = "shapes-v1"):
+def load_model(name: str = "shapes-v1"):
     """A model on the CPU (auditor.engine.models.LoadedModel: .pipe, .fingerprint): a bundled name (shapes-v1 by
     default, or shapes-dit, a PixArt transformer) or a diffusers folder."""
     from auditor.engine.models import load_model
 
     return load_model(name, device="cpu")
-
-
-load_model = load_v1  # the same, under a name that does not suggest shapes-v1 only
 
 
 def model_slug(name: str) -> str:

@@ -15,13 +15,13 @@ import argparse
 import numpy as np
 import torch
 
-from common import load_v1
+from common import load_model
 
 WORDS = ("on the left", "on the right", "at the top", "at the bottom")
 
 
 def first_step_centroids(model: str, noises: int = 32, guidance: float = 5.0, t: int = 999) -> dict[str, tuple]:
-    pipe = load_v1(model).pipe  # any bundled name or pipeline folder, loaded as --model is
+    pipe = load_model(model).pipe  # any bundled name or pipeline folder, loaded as --model is
     alpha = pipe.scheduler.alphas_cumprod[t]
     v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
 

@@ -215,7 +215,7 @@ def main() -> None:
     log = common.Log("image_maps")
     from auditor.profile import profile_for
 
-    lm = common.load_v1()
+    lm = common.load_model()
     profile = profile_for(lm)
     path = Path(args.out)
     res = json.loads(path.read_text()) if path.is_file() else {}

@@ -137,7 +137,7 @@ def main() -> None:
     mach = common.machine()
     rel_path = Path(args.relevance) if args.relevance else common.default_relevance_path()
     rm = common.load_relevance(rel_path)
-    lm = common.load_v1()
+    lm = common.load_model()
     from auditor.profile import profile_for
 
     k = args.k or profile_for(lm).response_k

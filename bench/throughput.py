@@ -152,7 +152,7 @@ def measure(args) -> dict:
     from auditor.profile import profile_for
     from auditor.tasks import TaskSettings
 
-    lm = common.load_v1()
+    lm = common.load_model()
     torch.set_num_threads(1)
     tasks = make_tasks(lm, args.tasks)
     settings = TaskSettings(common.STEPS, common.GUIDANCE, (common.SIDE, common.SIDE), profile_for(lm))

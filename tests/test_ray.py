@@ -141,8 +141,7 @@ def test_a_worker_killed_mid_run_loses_and_redoes_nothing(cluster, suite, local_
         def update(self, n):
             if killed:
                 return
-            deadline = time.time() + 30
-            while not killed and time.time() < deadline:  # a worker holding a batch
+            while not killed:  # a worker holding a batch: the driver is in here, so the others stay queued
                 pids = _worker_pids(busy_only=True)
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)

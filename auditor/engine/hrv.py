@@ -61,15 +61,23 @@ class ConceptBank:
         return torch.cat(states), torch.tensor(owner)
 
 
-class _Voter(Tap):
+class _Ballot(Tap):
+    """What both voters hold: the concept bank, the seeded word draws and the votes [categories, heads]."""
+
+    def __init__(self, pipe, bank: ConceptBank, seed: int | Sequence[int], free_passes: bool = False):
+        super().__init__(pipe, free_passes=free_passes)
+        self.bank = bank
+        self.rng = np.random.default_rng(seed)
+        self.votes = torch.zeros(len(bank.categories), self.head_index.total, dtype=torch.int64)
+        self.items = 1  # conditional items of the generation call (the last ones of the denoiser's batch)
+
+
+class _Voter(_Ballot):
     """UNet families: one vote per head, conditional item and counted step, for the category its queries favour
     among the drawn words' keys (projected by the head's own ``to_k``)."""
 
     def __init__(self, pipe, bank: ConceptBank, seed: int | Sequence[int]):
-        super().__init__(pipe)
-        self.bank = bank
-        self.rng = np.random.default_rng(seed)
-        self.votes = torch.zeros(len(bank.categories), self.head_index.total, dtype=torch.int64)
+        super().__init__(pipe, bank, seed)
         self._keys = None
 
     def on_step(self, sample, encoder_hidden_states) -> None:
@@ -103,7 +111,7 @@ class _Voter(Tap):
         return tapped(self)
 
 
-class _PassVoter(Tap):
+class _PassVoter(_Ballot):
     """Transformer families: one vote per head, conditional item and step, from a concept pass.
 
     SD3's and Flux's text stream changes from block to block, so a word's keys at a block cannot be had by
@@ -115,11 +123,8 @@ class _PassVoter(Tap):
     """
 
     def __init__(self, pipe, bank: ConceptBank, seed: int | Sequence[int]):
-        super().__init__(pipe, free_passes=True)
-        self.bank = bank
-        self.rng = np.random.default_rng(seed)
-        self.votes = torch.zeros(len(bank.categories), self.head_index.total, dtype=torch.int64)
-        self.items = 1  # conditional items of the generation call (the last ones of the denoiser's batch)
+        super().__init__(pipe, bank, seed, free_passes=True)
+        self._forward = inspect.signature(self.denoiser.forward)  # read once: every step binds its call to it
         self._owner: torch.Tensor | None = None
         self._sums: dict[int, torch.Tensor] = {}
 
@@ -138,9 +143,9 @@ class _PassVoter(Tap):
             self.votes[:, self.head_index.layer_slice(layer_index)] += one_hot
         self._sums.clear()
 
-    def concept_call(self, net, args, kwargs) -> dict:
+    def concept_call(self, args, kwargs) -> dict:
         """The denoiser's keywords for the concept pass of the evaluation it was just called with."""
-        bound = inspect.signature(net.forward).bind(*args, **kwargs).arguments
+        bound = self._forward.bind(*args, **kwargs).arguments
         bound = {**bound.pop("kwargs", {}), **bound}
         batch = int(bound["hidden_states"].shape[0])
         lo = max(batch - self.items, 0)
@@ -174,7 +179,7 @@ class _PassVoter(Tap):
             busy[0] = True
             try:
                 with torch.no_grad(), tapped(self):
-                    module(**self.concept_call(module, args, kwargs))
+                    module(**self.concept_call(args, kwargs))
                 self.tally()
             finally:
                 busy[0] = False
