@@ -42,7 +42,9 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     size = {"height": resolution[0], "width": resolution[1]} if resolution else {}
     prompt = prompts[0] if len(prompts) == 1 else list(prompts)
-    with trace(pipe) as tr:
+    # Only the prompts' own token columns: an audit reads words, never padding, and a transformer's recorder then
+    # scores far fewer text keys (a T5 sequence is mostly padding).
+    with trace(pipe, tokens="prompt") as tr:
         images = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
                       generator=gens[0] if len(gens) == 1 else gens, **size, **call_kwargs(pipe)).images
     return images, tr
@@ -109,7 +111,8 @@ def read_task(pipe, task: AuditTask, settings: TaskSettings) -> TaskResult:
     seed), then the same records a generation gets."""
     image = load_image(task.image)
     timesteps, draws = settings.reading
-    tr = trace_image(pipe, image, task.concepts.prompt, timesteps=timesteps, seed=task.seed, draws=draws)
+    tr = trace_image(pipe, image, task.concepts.prompt, timesteps=timesteps, seed=task.seed, draws=draws,
+                     tokens="prompt")
     concepts, raw_maps, norms = generation_record(tr, task.concepts, settings.profile, image, settings.k)
     return TaskResult(image, concepts, raw_maps, overlays(image, norms, concepts))
 

@@ -2,7 +2,8 @@
 
 Runs on the bundled shapes-v1 model when it is installed, else on the randomly initialised tiny SD1.5 copy from
 tests/tiny_pipelines.py (the output says which). Each pair times a plain and a traced generation with the same
-seed and steps, alternating which goes first so drift on a shared machine hits both sides alike. Goal: median
+seed and steps, rotating which goes first so drift on a shared machine hits every side alike; two traced sides:
+every text column (``trace(pipe)``) and the prompt's own columns (``tokens="prompt"``, what an audit traces). Goal: median
 traced / plain ratio <= 1.05, judged on process CPU time (one torch thread), because the machine's two cores are
 shared and wall time swings by tens of percent between identical runs; wall-time ratios are reported too.
 Writes bench/results/capture_overhead.json.
@@ -62,20 +63,22 @@ def load_pipe(model: str = "shapes-v1"):
     return tiny_pipelines.sd15(), "tiny SD1.5 copy (random weights, tests/tiny_pipelines.py)", [64, 256]
 
 
-def timed(pipe, traced: bool, prompt: str, steps: int, seed: int, h: int, w: int) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one generation. With one torch thread, CPU time is what the
-    generation itself costs; wall time also counts the time the shared cores spent on other work."""
+def timed(pipe, mode: str, prompt: str, steps: int, seed: int, h: int, w: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one generation: ``mode`` "plain" (no trace), "all" (``trace(pipe)``,
+    every text column) or "prompt" (``trace(pipe, tokens="prompt")``, the prompt's own columns, as an audit
+    traces). With one torch thread, CPU time is what the generation itself costs; wall time also counts the time
+    the shared cores spent on other work."""
     from auditor import trace
     from auditor.engine.families import call_kwargs
 
     g = torch.Generator("cpu").manual_seed(seed)
     kwargs = dict(num_inference_steps=steps, generator=g, height=h, width=w, output_type="np", **call_kwargs(pipe))
     t, c = time.perf_counter(), time.process_time()
-    if traced:
-        with trace(pipe):
-            pipe(prompt, **kwargs)
-    else:
+    if mode == "plain":
         pipe(prompt, **kwargs)
+    else:
+        with trace(pipe, tokens="prompt" if mode == "prompt" else None):
+            pipe(prompt, **kwargs)
     return time.perf_counter() - t, time.process_time() - c
 
 
@@ -88,23 +91,33 @@ def _stats(plain: list[float], traced: list[float]) -> dict:
             "ratio_of_minima": round(min(traced) / min(plain), 4)}
 
 
+MODES = ("plain", "all", "prompt")
+
+
 def measure(pipe, side: int, steps: int, pairs: int) -> dict:
+    """``pairs`` rounds of a plain generation and the two traced ones, the order rotated each round so drift on the
+    shared machine hits every side alike. "cpu"/"wall": every text column traced (``trace(pipe)``); "*_prompt":
+    the prompt's columns (what ``auditor audit`` traces)."""
     prompt = "a red star to the left of a blue circle"
-    for traced in (False, True):  # warm-up: first calls pay for allocation and kernel selection
-        timed(pipe, traced, prompt, steps, 0, side, side)
-    got: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for mode in MODES:  # warm-up: first calls pay for allocation and kernel selection
+        timed(pipe, mode, prompt, steps, 0, side, side)
+    got: dict[str, list[tuple[float, float]]] = {m: [] for m in MODES}
     for i in range(pairs):
-        for t in ((False, True) if i % 2 == 0 else (True, False)):
-            got[t].append(timed(pipe, t, prompt, steps, 1000 + i, side, side))
-        (pw, pc), (tw, tc) = got[False][-1], got[True][-1]
-        print(f"{side}px pair {i}: wall {pw:.3f}s vs {tw:.3f}s ({tw / pw:.3f}); cpu {pc:.3f}s vs {tc:.3f}s "
-              f"({tc / pc:.3f})", flush=True)
-    cpu = _stats([c for _, c in got[False]], [c for _, c in got[True]])
-    wall = _stats([w for w, _ in got[False]], [w for w, _ in got[True]])
+        for mode in MODES[i % 3:] + MODES[:i % 3]:
+            got[mode].append(timed(pipe, mode, prompt, steps, 1000 + i, side, side))
+        (pw, pc), (aw, ac), (qw, qc) = (got[m][-1] for m in MODES)
+        print(f"{side}px round {i}: cpu plain {pc:.3f}s, all columns {ac:.3f}s ({ac / pc:.3f}), prompt columns "
+              f"{qc:.3f}s ({qc / pc:.3f})", flush=True)
+    plain_c, plain_w = [c for _, c in got["plain"]], [w for w, _ in got["plain"]]
+    out = {"image": [side, side], "steps": steps, "pairs": pairs}
+    for mode, suffix in (("all", ""), ("prompt", "_prompt")):
+        out["cpu" + suffix] = _stats(plain_c, [c for _, c in got[mode]])
+        out["wall" + suffix] = _stats(plain_w, [w for w, _ in got[mode]])
     # the isolated step is the UNet's; a transformer's figure is the whole generation's
-    step = unet_step(pipe, side) if getattr(pipe, "unet", None) is not None else None
-    return {"image": [side, side], "steps": steps, "pairs": pairs, "cpu": cpu, "wall": wall,
-            "unet_step": step, "meets_goal": cpu["ratio_median"] <= GOAL}
+    out["unet_step"] = unet_step(pipe, side) if getattr(pipe, "unet", None) is not None else None
+    out["meets_goal"] = out["cpu"]["ratio_median"] <= GOAL
+    out["meets_goal_prompt"] = out["cpu_prompt"]["ratio_median"] <= GOAL
+    return out
 
 
 def unet_step(pipe, side: int, rounds: int = 9, reps: int = 10) -> dict:

@@ -28,7 +28,7 @@ def kill_after_stored(proc: subprocess.Popen, run: Path, at_least: int = 2) -> l
         except sqlite3.Error:  # the store is not created yet
             pass
         time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return stored_rows(run)

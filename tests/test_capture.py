@@ -279,3 +279,19 @@ def test_query_blocks_and_split_batch_give_the_same_probabilities_and_images(mon
     monkeypatch.undo()
     assert capture.block_rows(torch.device("cpu"), 2, 8, 4096, 77) == (2 << 20) // (4 * 2 * 8 * 77)
     assert capture.block_rows(torch.device("meta"), 2, 8, 4096, 77) == 4096
+
+
+def test_prompt_columns_on_a_unet_equal_the_full_trace_columns():
+    """``trace(tokens="prompt")`` on SD1.5: the prompt's columns (start, words, end) and nothing of the padding."""
+    pipe = tp.sd15()
+    with trace(pipe) as full:
+        tp.generate(pipe, prompt="a red cat")
+    with trace(pipe, tokens="prompt") as kept:
+        tp.generate(pipe, prompt="a red cat")
+    n = len(pipe.tokenizer("a red cat")["input_ids"])
+    assert kept.columns == tuple(range(n)) and kept.seq_len == full.seq_len == 77
+    for name, buf in kept.buffers.items():
+        torch.testing.assert_close(buf, full.buffers[name][..., :n], atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(kept.maps("cat", method="all_heads"), full.maps("cat", method="all_heads"), atol=1e-6)
+    with pytest.raises(AuditorError, match="tokens must be"):
+        trace(pipe, tokens="all").__enter__()

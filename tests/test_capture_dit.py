@@ -10,6 +10,7 @@ import torch
 import tiny_dit as td
 from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
 from auditor import trace
+from auditor.engine import capture_dit
 from auditor.engine.heads import HeadIndex, text_attention_modules
 from auditor.errors import AuditorError
 
@@ -91,9 +92,22 @@ def _traced_with_reference(pipe, **kw):
     return tr, ref, images
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_probabilities_equal_explicit_reference(family):
+@pytest.mark.parametrize("family, kernel", [("pixart", None)] + [(f, k) for f in FAMILIES[1:]
+                                                                for k in ("flash", "explicit")])
+def test_probabilities_equal_explicit_reference(family, kernel, monkeypatch):
+    """Joint attention's recorded rows come from CPU flash attention's log-sum-exp where SDPA runs that kernel,
+    else from explicit scores: both paths against the reference."""
+    fused = capture_dit._sdpa_with_lse
+    used = []
+
+    def spy(*a):
+        got = None if kernel == "explicit" else fused(*a)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(capture_dit, "_sdpa_with_lse", spy)
     tr, ref, images = _traced_with_reference(td.shared(family), prompt=["a red cat", "a blue car"])
+    assert kernel is None or (used and all(used) == (kernel == "flash"))
     assert set(tr.buffers) == set(ref) and tr.n_items == 2 == len(images)
     for name, r in ref.items():
         torch.testing.assert_close(tr.buffers[name], r, atol=1e-5, rtol=1e-4)
@@ -201,3 +215,35 @@ def test_sd3_unknown_processor_is_refused():
         with trace(pipe):
             pass
     assert not {"_JointTapProcessor"} & {type(v).__name__ for v in pipe.transformer.attn_processors.values()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_columns_keep_the_prompts_tokens_and_compute_only_them(family, monkeypatch):
+    """``trace(tokens="prompt")`` keeps the columns the prompts' tokens fill (no padding): the same word maps and
+    per-column sums as a full trace, and the joint recorder computes probabilities for those columns alone."""
+    pipe = td.shared(family)
+    prompts = ["a red cat", "a blue car next to a tree"]
+    with trace(pipe) as full:
+        td.generate(pipe, prompt=prompts, seed=5)
+    widths = []
+    show = capture_dit._show_text_probs
+
+    def spy(seen, q, k_text, *a):
+        widths.append(int(k_text.shape[2]))
+        return show(seen, q, k_text, *a)
+
+    monkeypatch.setattr(capture_dit, "_show_text_probs", spy)
+    with trace(pipe, tokens="prompt") as kept:
+        td.generate(pipe, prompt=prompts, seed=5)
+    padding = set(full.special_tokens(1)["padding"])
+    cols = [c for c in range(full.seq_len) if c not in padding]
+    assert kept.columns == tuple(cols) and kept.seq_len == full.seq_len and len(cols) < full.seq_len
+    for name, buf in kept.buffers.items():
+        torch.testing.assert_close(buf, full.buffers[name][..., cols], atol=1e-6, rtol=1e-5)
+    for item, word in ((0, "cat"), (1, "tree")):
+        np.testing.assert_allclose(kept.maps(word, method="all_heads", prompt_index=item),
+                                   full.maps(word, method="all_heads", prompt_index=item), atol=1e-6)
+    if family != "pixart":  # joint attention: only the kept columns' keys were scored
+        assert widths and set(widths) == {len(cols)}
+    with pytest.raises(AuditorError, match="not recorded"):
+        kept.maps(sorted(padding)[-1:], method="all_heads")

@@ -43,8 +43,9 @@ PLAIN_PROCESSORS = frozenset({
 })
 
 # observe(query rows [items, heads, r, d], probs rows [items, heads, r, T] or None, rows: slice of the layer's N
-# queries, N), for the recorded (conditional) items only
-Observer = Callable[[torch.Tensor, "torch.Tensor | None", slice, int], None]
+# queries, N[, total]), for the recorded (conditional) items only; ``total`` is given when the probs hold only the
+# tap's kept columns of a ``total``-token text sequence
+Observer = Callable[..., None]
 
 CPU_BLOCK_BYTES = 2 << 20  # on CPU, scores are computed in query blocks of about this size (see block_rows)
 
@@ -199,6 +200,7 @@ class Tap:
         self.steps_total: int | None = None
         self._counting = False
         self.first_cond = 0  # batch index of the first conditional item
+        self._column_index = None  # ((total, kept columns), index): columns_for's last answer
 
     # --- hook callbacks ---------------------------------------------------------------------------------------
     def on_generation(self, prompts: list[str] | None, images_per_prompt: int,
@@ -251,22 +253,45 @@ class Tap:
         if not self._counting:
             return None
 
-        def observe(query: torch.Tensor, probs: torch.Tensor | None, rows: slice, n: int) -> None:
+        def observe(query: torch.Tensor, probs: torch.Tensor | None, rows: slice, n: int,
+                    total: int | None = None) -> None:
+            # ``total``: the layer's text length, given when ``probs`` hold only ``columns_for(total)`` already
             name = self.head_index.layers[layer_index]
             if name not in self.grids:
                 self.grids[name] = layer_grid(self.latent_size, n)
+            if probs is not None and total is None:
+                cols = self.columns_for(int(probs.shape[-1]))
+                if cols is not None:
+                    probs = probs[..., cols]
             self.on_attention(layer_index, attn, query, probs, rows, n)
 
         return observe
+
+    def columns_for(self, total: int) -> torch.Tensor | None:
+        """The text columns whose probabilities this tap keeps, out of a text sequence of ``total`` tokens, as an
+        index (None: all of them). A recorder that can compute just these asks before computing any."""
+        cols = self.kept_columns(total)
+        if cols is None:
+            return None
+        if self._column_index is None or self._column_index[0] != (total, cols):  # asked at every layer call
+            if cols[-1] >= total:
+                raise AuditorError(f"token index {cols[-1]} is past the text sequence ({total} tokens)")
+            self._column_index = ((total, cols), torch.tensor(cols, dtype=torch.long))
+        return self._column_index[1]
 
     # --- for subclasses ---------------------------------------------------------------------------------------
     def reset(self) -> None:
         """A new generation starts."""
 
+    def kept_columns(self, total: int) -> tuple[int, ...] | None:
+        """Sorted text columns to keep of a sequence of ``total`` tokens; None keeps every column."""
+        return None
+
     def on_attention(self, layer_index: int, attn, query: torch.Tensor, probs: torch.Tensor | None, rows: slice,
                      n: int) -> None:
         """One block of a layer call, conditional items only: ``query`` [items, heads, r, d] and ``probs``
-        [items, heads, r, T] (None unless ``needs_probs``) for the layer's query ``rows`` out of ``n``."""
+        [items, heads, r, T] (None unless ``needs_probs``; T the ``kept_columns``) for the layer's query ``rows``
+        out of ``n``."""
 
     @property
     def image_size(self) -> tuple[int, int] | None:

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
-from auditor.engine.capture import _explicit
+from auditor.engine.capture import _explicit, block_rows
 from auditor.engine.heads import joint_kind
 from auditor.errors import AuditorError
 
 SD3_PROCESSORS = frozenset({"JointAttnProcessor2_0"})
 FLUX_PROCESSORS = frozenset({"FluxAttnProcessor", "FluxAttnProcessor2_0"})
+FLASH = int(SDPBackend.FLASH_ATTENTION)
 
 
 def latent_per_cell(denoiser) -> int:
@@ -110,6 +112,22 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
         return _sdpa(q, k, v, mask, slice(None))
     if lo == batch:
         return _sdpa(q, k, v, mask, slice(None))
+    fused = _sdpa_with_lse(q, k, v, mask)
+    if fused is not None:
+        out, lse = fused
+        text_mask = None
+        if mask is not None:
+            text_mask = mask[rec] if mask.shape[0] == batch else mask
+            text_mask = text_mask[:, :, image] if text_mask.shape[2] == s else text_mask
+            text_mask = text_mask[..., text]
+        total = text.stop - text.start
+        cols = tap.columns_for(total)
+        keys = k[rec, :, text]
+        if cols is not None:  # only the kept columns' probabilities are computed
+            keys = keys[:, :, cols]
+            text_mask = None if text_mask is None else text_mask[..., cols]
+        _show_text_probs(seen, q[rec, :, image], keys, lse[rec, :, image], text_mask, scale, n, total)
+        return out
     rec_mask = None
     if mask is not None:
         rec_mask = mask[rec] if mask.shape[0] == batch else mask
@@ -128,6 +146,31 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
     if others.stop > others.start:
         out[:, :, others] = _sdpa(q, k, v, mask, slice(None), others)
     return out
+
+
+def _sdpa_with_lse(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(SDPA's output, each query's log-sum-exp over all keys) from the very kernel ``F.scaled_dot_product_attention``
+    dispatches to, or None where that kernel is not CPU flash attention (the only one whose log-sum-exp this code
+    reads; elsewhere the caller computes the recorded rows explicitly)."""
+    if q.device.type != "cpu" or torch._fused_sdp_choice(q, k, v, attn_mask=mask) != FLASH:
+        return None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
+    return out, lse
+
+
+def _show_text_probs(seen, q, k_text, lse, mask, scale: float, n: int, total: int) -> None:
+    """Show ``seen`` the queries' probabilities on the given text keys (of ``total``), exp(q k^T * scale + mask -
+    lse) with the log-sum-exp ``lse`` taken over all keys: the model's normalisation, without the image keys'
+    scores."""
+    kt = k_text.float().transpose(-1, -2) * scale
+    batch, heads, rows_total = q.shape[:3]
+    step = block_rows(q.device, batch, heads, rows_total, kt.shape[-1])
+    for start in range(0, rows_total, step):
+        rows = slice(start, min(start + step, rows_total))
+        scores = torch.matmul(q[:, :, rows].float(), kt)
+        if mask is not None:
+            scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
+        seen(q[:, :, rows], scores.sub_(lse[:, :, rows, None].float()).exp_(), rows, n, total)
 
 
 class _JointTapProcessor:

@@ -27,32 +27,53 @@ class Trace(Tap):
     """Per-layer sums of cross-attention probabilities of the latest generation, and the maps built from them.
 
     ``buffers[layer]`` is ``[items, heads, h*w, T]`` (float32, model device): item ``p * images_per_prompt + i`` is
-    image ``i`` of prompt ``p``; T is every token column of the text sequence, or only ``tokens`` when given.
-    Sums run over the counted steps (``steps_counted``); maps divide by it.
+    image ``i`` of prompt ``p``; T is every token column of the text sequence, only ``tokens`` when given, or with
+    ``tokens="prompt"`` the columns the traced prompts' own tokens fill (start, words and end of each encoder's
+    segment, no padding). Sums run over the counted steps (``steps_counted``); maps divide by it.
     """
 
-    def __init__(self, pipe, window=(0.0, 1.0), tokens: Iterable[int] | None = None, relevance=None,
+    def __init__(self, pipe, window=(0.0, 1.0), tokens: Iterable[int] | str | None = None, relevance=None,
                  free_passes: bool = False, find_ranking: Callable | None = None):
         super().__init__(pipe, window, free_passes)
         self.find_ranking = find_ranking  # pipe -> the ranking selective maps use when none is given
         self.reading = None  # an ImageReading when the trace was read from a given image (trace_image)
-        self.columns: tuple[int, ...] | None = None if tokens is None else tuple(sorted({int(t) for t in tokens}))
-        if self.columns is not None and (not self.columns or self.columns[0] < 0):
-            raise AuditorError(f"tokens must be non-negative token indices, got {tokens!r}")
+        self.prompt_columns = isinstance(tokens, str)
+        if self.prompt_columns and tokens != "prompt":
+            raise AuditorError(f"tokens must be token indices or 'prompt', got {tokens!r}")
+        self.columns: tuple[int, ...] | None = None
+        if tokens is not None and not self.prompt_columns:
+            self.columns = tuple(sorted({int(t) for t in tokens}))
+            if not self.columns or self.columns[0] < 0:
+                raise AuditorError(f"tokens must be non-negative token indices, got {tokens!r}")
         self.relevance = relevance
         self.buffers: dict[str, torch.Tensor] = {}
         self.seq_len: int | None = None
 
     def reset(self) -> None:
         self.buffers = {}
+        if self.prompt_columns:
+            self.columns = None  # the next generation's prompts decide
+
+    def kept_columns(self, total: int) -> tuple[int, ...] | None:
+        self.seq_len = int(total)
+        if self.prompt_columns and self.columns is None and self.prompts:
+            self.columns = self._prompt_token_columns()
+        return self.columns
+
+    def _prompt_token_columns(self) -> tuple[int, ...]:
+        """Every column some traced prompt's tokens fill, in any encoder's segment (padding is the rest)."""
+        cols: set[int] = set()
+        for i in range(len(self.prompts)):
+            padding = set(self.special_tokens(i)["padding"])
+            second = self._prompt_2(i)
+            if second is not None:  # SDXL's second prompt fills columns by its own length
+                n = len(self.pipe.tokenizer_2(second, truncation=True)["input_ids"])
+                padding -= set(range(n))
+            cols.update(c for c in range(self.seq_len) if c not in padding)
+        return tuple(sorted(cols))
 
     def on_attention(self, layer_index, attn, query, probs, rows, n) -> None:
         name = self.head_index.layers[layer_index]
-        self.seq_len = int(probs.shape[-1])
-        if self.columns is not None:
-            if self.columns[-1] >= self.seq_len:
-                raise AuditorError(f"token index {self.columns[-1]} is past the text sequence ({self.seq_len} tokens)")
-            probs = probs[..., list(self.columns)]
         shape = (probs.shape[0], probs.shape[1], n, probs.shape[3])
         buf = self.buffers.get(name)
         if buf is None or buf.shape != shape:
@@ -101,7 +122,8 @@ class Trace(Tap):
         try:
             return self.columns.index(int(token))
         except ValueError:
-            raise AuditorError(f"token {token} was not recorded (trace(tokens=...) kept {list(self.columns)})") from None
+            kept = "the prompts' own tokens" if self.prompt_columns else "tokens=..."
+            raise AuditorError(f"token {token} was not recorded (the trace kept {kept}: {list(self.columns)})") from None
 
     def token_indices(self, word: str, prompt_index: int = 0, occurrence: int = 0) -> tuple[int, ...]:
         """Token indices of ``word`` in the traced prompt (via ``auditor.align``)."""
@@ -261,7 +283,7 @@ def cached_relevance(pipe):
 
 
 @contextlib.contextmanager
-def trace(pipe, window: tuple[float, float] = (0.0, 1.0), tokens: Iterable[int] | None = None, relevance=None,
+def trace(pipe, window: tuple[float, float] = (0.0, 1.0), tokens: Iterable[int] | str | None = None, relevance=None,
           find_ranking: Callable | None = None):
     """Record per-head cross-attention of every generation ``pipe`` runs inside the block.
 
@@ -269,7 +291,9 @@ def trace(pipe, window: tuple[float, float] = (0.0, 1.0), tokens: Iterable[int] 
         pipe: a diffusers text-to-image pipeline: UNet (Stable Diffusion 1.x/2.x, SDXL) or transformer (SD3/SD3.5,
             Flux, PixArt-α/Σ: the image queries' attention on the text keys, maps on the patch grid).
         window: the fraction of denoising steps recorded, (start, end) with 0 <= start < end <= 1.
-        tokens: token indices to keep (all of the text sequence when None; fewer columns, less memory).
+        tokens: token indices to keep (all of the text sequence when None; fewer columns, less memory), or
+            "prompt": the columns the prompts' own tokens fill, padding left out (a transformer's recorder then
+            computes only those columns' probabilities).
         relevance: the head ranking selective maps use.
         find_ranking: ``pipe -> ranking`` used when ``relevance`` is None (``auditor.trace`` passes the audit
             profile's lookup); by default the head-relevance matrix cached for the model.
@@ -293,7 +317,7 @@ def trace(pipe, window: tuple[float, float] = (0.0, 1.0), tokens: Iterable[int] 
 
 
 def trace_image(pipe, image, prompt: str, timesteps: Sequence[int] | None = None, seed: int = 0, draws: int = 1,
-                tokens: Iterable[int] | None = None, relevance=None, prompt_2: str | None = None,
+                tokens: Iterable[int] | str | None = None, relevance=None, prompt_2: str | None = None,
                 size: tuple[int, int] | None = None, find_ranking: Callable | None = None,
                 text_kwargs: dict | None = None) -> Trace:
     """Read per-head cross-attention from an image that already exists, without generating one.
