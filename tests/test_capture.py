@@ -295,3 +295,16 @@ def test_prompt_columns_on_a_unet_equal_the_full_trace_columns():
     np.testing.assert_allclose(kept.maps("cat", method="all_heads"), full.maps("cat", method="all_heads"), atol=1e-6)
     with pytest.raises(AuditorError, match="tokens must be"):
         trace(pipe, tokens="all").__enter__()
+
+
+def test_prompt_columns_on_sdxl_cover_a_longer_prompt_2():
+    """SDXL's second encoder reads ``prompt_2`` in the same columns: its longer text keeps its columns too."""
+    pipe = tp.sdxl()
+    kw = dict(prompt="a cat", prompt_2="a red cat on a green mat")
+    with trace(pipe) as full:
+        tp.generate(pipe, **kw)
+    with trace(pipe, tokens="prompt") as kept:
+        tp.generate(pipe, **kw)
+    n = len(pipe.tokenizer_2(kw["prompt_2"])["input_ids"])
+    assert kept.columns == tuple(range(n)) and n > len(pipe.tokenizer(kw["prompt"])["input_ids"])
+    np.testing.assert_allclose(kept.maps("mat", method="all_heads"), full.maps("mat", method="all_heads"), atol=1e-6)

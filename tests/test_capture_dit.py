@@ -226,13 +226,15 @@ def test_prompt_columns_keep_the_prompts_tokens_and_compute_only_them(family, mo
     with trace(pipe) as full:
         td.generate(pipe, prompt=prompts, seed=5)
     widths = []
-    show = capture_dit._show_text_probs
+    record = capture_dit._record_from_lse
 
-    def spy(seen, q, k_text, *a):
-        widths.append(int(k_text.shape[2]))
-        return show(seen, q, k_text, *a)
+    def spy(tap, seen, *a):
+        def watch(qb, probs, rows, n, total=None):  # total given: the probs hold the kept columns alone
+            widths.append((int(probs.shape[-1]), total))
+            return seen(qb, probs, rows, n, total)
+        return record(tap, watch, *a)
 
-    monkeypatch.setattr(capture_dit, "_show_text_probs", spy)
+    monkeypatch.setattr(capture_dit, "_record_from_lse", spy)
     with trace(pipe, tokens="prompt") as kept:
         td.generate(pipe, prompt=prompts, seed=5)
     padding = set(full.special_tokens(1)["padding"])
@@ -244,6 +246,6 @@ def test_prompt_columns_keep_the_prompts_tokens_and_compute_only_them(family, mo
         np.testing.assert_allclose(kept.maps(word, method="all_heads", prompt_index=item),
                                    full.maps(word, method="all_heads", prompt_index=item), atol=1e-6)
     if family != "pixart":  # joint attention: only the kept columns' keys were scored
-        assert widths and set(widths) == {len(cols)}
+        assert widths and set(widths) == {(len(cols), full.seq_len)}
     with pytest.raises(AuditorError, match="not recorded"):
         kept.maps(sorted(padding)[-1:], method="all_heads")

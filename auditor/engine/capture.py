@@ -63,6 +63,13 @@ def block_rows(device: torch.device, batch: int, heads: int, n: int, tokens: int
 SPLIT_MIN_SCORES = 1 << 18
 
 
+def take(x: torch.Tensor, runs: tuple[slice, ...], dim: int) -> torch.Tensor:
+    """``x``'s entries along ``dim`` in ``runs`` (slices, in order): a view for one run, else one copy."""
+    if len(runs) == 1:
+        return x.narrow(dim, runs[0].start, runs[0].stop - runs[0].start)
+    return torch.cat([x.narrow(dim, r.start, r.stop - r.start) for r in runs], dim)
+
+
 def _explicit(q, k, v, mask, scale: float, observe: Observer | None, first_recorded: int = 0) -> torch.Tensor:
     """softmax(Q K^T * scale + mask) @ V in query blocks; items from ``first_recorded`` on shown to ``observe``."""
     # Scores and softmax in float32 whatever the model dtype: the sums we keep must not lose the small
@@ -200,7 +207,7 @@ class Tap:
         self.steps_total: int | None = None
         self._counting = False
         self.first_cond = 0  # batch index of the first conditional item
-        self._column_index = None  # ((total, kept columns), index): columns_for's last answer
+        self._column_runs = None  # (kept columns, total, runs): columns_for's last answer
 
     # --- hook callbacks ---------------------------------------------------------------------------------------
     def on_generation(self, prompts: list[str] | None, images_per_prompt: int,
@@ -260,24 +267,28 @@ class Tap:
             if name not in self.grids:
                 self.grids[name] = layer_grid(self.latent_size, n)
             if probs is not None and total is None:
-                cols = self.columns_for(int(probs.shape[-1]))
-                if cols is not None:
-                    probs = probs[..., cols]
+                runs = self.columns_for(int(probs.shape[-1]))
+                if runs is not None:
+                    probs = take(probs, runs, -1)
             self.on_attention(layer_index, attn, query, probs, rows, n)
 
         return observe
 
-    def columns_for(self, total: int) -> torch.Tensor | None:
-        """The text columns whose probabilities this tap keeps, out of a text sequence of ``total`` tokens, as an
-        index (None: all of them). A recorder that can compute just these asks before computing any."""
+    def columns_for(self, total: int) -> tuple[slice, ...] | None:
+        """The text columns whose probabilities this tap keeps, out of a text sequence of ``total`` tokens, as runs
+        of consecutive columns (None: all of them; ``take`` applies them). A recorder that can compute just these
+        asks before computing any."""
         cols = self.kept_columns(total)
         if cols is None:
             return None
-        if self._column_index is None or self._column_index[0] != (total, cols):  # asked at every layer call
+        last = self._column_runs
+        if last is None or last[0] is not cols or last[1] != total:  # asked at every layer call: cached
             if cols[-1] >= total:
                 raise AuditorError(f"token index {cols[-1]} is past the text sequence ({total} tokens)")
-            self._column_index = ((total, cols), torch.tensor(cols, dtype=torch.long))
-        return self._column_index[1]
+            starts = [i for i, c in enumerate(cols) if i == 0 or c != cols[i - 1] + 1]
+            runs = tuple(slice(cols[a], cols[b - 1] + 1) for a, b in zip(starts, starts[1:] + [len(cols)]))
+            self._column_runs = last = (cols, total, runs)
+        return last[2]
 
     # --- for subclasses ---------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from auditor.engine.capture import _explicit, block_rows
+from auditor.engine.capture import CPU_BLOCK_BYTES, _explicit, block_rows, take
 from auditor.engine.heads import joint_kind
 from auditor.errors import AuditorError
 
@@ -94,8 +94,10 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
     """softmax(Q K^T / sqrt(d) + mask) V over one joint sequence ([B, heads, S, d] each), as SDPA computes it; the
     tap's recorded items' image queries (``image`` rows) shown with their probabilities on the ``text`` keys.
 
-    Only those rows are computed explicitly (their probabilities are recorded and reused for probs @ V); the text
-    queries, and the image queries of unrecorded items, go through SDPA as the stock processor sends them."""
+    Where SDPA runs CPU flash attention, the output is that kernel's and the recorded probabilities are the text
+    scores normalised by its log-sum-exp (``_record_from_lse``). Elsewhere the recorded rows are computed explicitly
+    (their probabilities reused for probs @ V) and every other query goes through SDPA as the stock processor
+    sends it."""
     batch, heads, s = q.shape[:3]
     scale = q.shape[-1] ** -0.5  # SDPA's default, which both stock processors use
     if mask is not None and mask.dtype == torch.bool:
@@ -112,26 +114,16 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
         return _sdpa(q, k, v, mask, slice(None))
     if lo == batch:
         return _sdpa(q, k, v, mask, slice(None))
-    fused = _sdpa_with_lse(q, k, v, mask)
-    if fused is not None:
-        out, lse = fused
-        text_mask = None
-        if mask is not None:
-            text_mask = mask[rec] if mask.shape[0] == batch else mask
-            text_mask = text_mask[:, :, image] if text_mask.shape[2] == s else text_mask
-            text_mask = text_mask[..., text]
-        total = text.stop - text.start
-        cols = tap.columns_for(total)
-        keys = k[rec, :, text]
-        if cols is not None:  # only the kept columns' probabilities are computed
-            keys = keys[:, :, cols]
-            text_mask = None if text_mask is None else text_mask[..., cols]
-        _show_text_probs(seen, q[rec, :, image], keys, lse[rec, :, image], text_mask, scale, n, total)
-        return out
     rec_mask = None
     if mask is not None:
         rec_mask = mask[rec] if mask.shape[0] == batch else mask
         rec_mask = rec_mask[:, :, image] if rec_mask.shape[2] == s else rec_mask
+    fused = _sdpa_with_lse(q, k, v, mask)
+    if fused is not None:
+        out, lse = fused
+        _record_from_lse(tap, seen, q[rec, :, image], k[rec, :, text], lse[rec, :, image],
+                         None if rec_mask is None else rec_mask[..., text], scale)
+        return out
 
     def observe(qb, probs, rows: slice, _n: int) -> None:
         seen(qb, probs[:, :, :, text], rows, n)
@@ -148,29 +140,46 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
     return out
 
 
+_FLASH_CHOICE: dict = {}  # (shapes, dtype, mask layout) -> whether SDPA picks CPU flash attention: asked once
+
+
 def _sdpa_with_lse(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(SDPA's output, each query's log-sum-exp over all keys) from the very kernel ``F.scaled_dot_product_attention``
     dispatches to, or None where that kernel is not CPU flash attention (the only one whose log-sum-exp this code
     reads; elsewhere the caller computes the recorded rows explicitly)."""
-    if q.device.type != "cpu" or torch._fused_sdp_choice(q, k, v, attn_mask=mask) != FLASH:
+    if q.device.type != "cpu":
         return None
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
-    return out, lse
+    key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype,
+           None if mask is None else (mask.shape, mask.stride(), mask.dtype))
+    flash = _FLASH_CHOICE.get(key)
+    if flash is None:
+        flash = _FLASH_CHOICE[key] = torch._fused_sdp_choice(q, k, v, attn_mask=mask) == FLASH
+    if not flash:
+        return None
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
 
 
-def _show_text_probs(seen, q, k_text, lse, mask, scale: float, n: int, total: int) -> None:
-    """Show ``seen`` the queries' probabilities on the given text keys (of ``total``), exp(q k^T * scale + mask -
-    lse) with the log-sum-exp ``lse`` taken over all keys: the model's normalisation, without the image keys'
-    scores."""
-    kt = k_text.float().transpose(-1, -2) * scale
-    batch, heads, rows_total = q.shape[:3]
-    step = block_rows(q.device, batch, heads, rows_total, kt.shape[-1])
-    for start in range(0, rows_total, step):
-        rows = slice(start, min(start + step, rows_total))
-        scores = torch.matmul(q[:, :, rows].float(), kt)
+def _record_from_lse(tap, seen, q, k_text, lse, mask, scale: float) -> None:
+    """Show ``seen`` the image queries' probabilities on the tap's kept text keys: exp(q k^T * scale + mask - lse),
+    with ``lse`` the log-sum-exp over all keys (the model's normalisation), without scoring the image keys or the
+    text keys the tap does not keep."""
+    total = k_text.shape[2]
+    runs = tap.columns_for(total)
+    if runs is not None:
+        k_text = take(k_text, runs, 2)
+        mask = None if mask is None else take(mask, runs, -1)
+    batch, heads, n = q.shape[:3]
+    t = k_text.shape[2]
+    # [items * heads, ...] views (a copy only where the layout needs one): one baddbmm gives q k^T * scale - lse
+    kt = k_text.float().reshape(batch * heads, t, -1).transpose(1, 2)
+    qf, neg_lse = q.float().reshape(batch * heads, n, -1), lse.float().neg().reshape(batch * heads, n, 1)
+    step = n if 4 * batch * heads * n * t <= CPU_BLOCK_BYTES else block_rows(q.device, batch, heads, n, t)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        scores = torch.baddbmm(neg_lse[:, rows], qf[:, rows], kt, alpha=scale).view(batch, heads, -1, t)
         if mask is not None:
-            scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
-        seen(q[:, :, rows], scores.sub_(lse[:, :, rows, None].float()).exp_(), rows, n, total)
+            scores += (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
+        seen(q[:, :, rows], scores.exp_(), rows, n, total)
 
 
 class _JointTapProcessor:
