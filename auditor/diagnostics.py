@@ -10,8 +10,9 @@ one model mean the same thing on another.
   stronger object's region (``shared_region``: IoU) or spread over much of the image (``area``: on shapes-v2 a
   neglected object's map covers the background around the object that was drawn) or its mass is diffuse
   (``concentration``: share of the mass inside its own region); for any object, lone ones too, its map peaks on
-  empty background in the image (``drawn_share``, from ``auditor.pixels``). On a plain background, an object whose
-  map peaks on a drawn thing of its own (``own_drawn``) is not flagged by the attention rules alone (``overruled``);
+  empty background in the image (``drawn_share``, from ``auditor.pixels``) or on pixels of another colour than its
+  named one (``own_colour``). An object whose map peaks on a drawn thing of its own (``own_drawn``) is not flagged
+  by the attention rules or the own-colour rule (``overruled``);
 - **misplaced**: an attribute's mass lands on another object's region rather than its own object's
   (``binding_margin``: own-region share minus the best other object's share; not when that other object is judged
   missing in the image), or an object's map sits on the wrong side of the image or of another object for the
@@ -50,6 +51,7 @@ SCORE_DIRECTIONS = {
     "max_shared_region": ("shared_region", "high", "object"),
     "max_area": ("area", "high", "object"),
     "min_drawn_share": ("drawn_share", "low", "object"),
+    "min_own_colour": ("own_colour", "low", "object"),
     "min_binding_margin": ("binding_margin", "low", "attribute"),
     "position_margin": ("side_offset", "low", "object"),
     "min_category_margin": ("category_margin", "low", None),
@@ -138,7 +140,7 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
     objects = [v for v in views if v.role == "object"]
     top_peak = max((float(v.raw.max()) for v in objects), default=0.0)
     own_drawn = pixels.own_drawn_shares({o.index: o.raw for o in objects}, px) \
-        if px is not None and len(objects) > 1 else None
+        if px is not None and objects else None
     out: dict[int, dict] = {}
     for v in views:
         m = masks[v.index]
@@ -174,6 +176,7 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
             s["drawn_share"] = pixels.drawn_share(v.raw, px)
             if own_drawn is not None:
                 s["own_drawn"] = own_drawn[v.index]
+            s.update(_own_colour(v, views, px))
         if px is not None and v.role == "attribute" and pixels.checkable(v.text):
             # Where the word looks or where its object is: a word whose attention strays to the other object (the
             # binding scores judge that) must not read as a colour not drawn when its object has the colour.
@@ -186,6 +189,14 @@ def scores(views: list[ConceptView], image: np.ndarray | None = None) -> dict[in
         if v.role == "object":
             out[v.index].update(_side_scores(v, out))
     return out
+
+
+def _own_colour(v: ConceptView, views: list[ConceptView], px) -> dict:
+    """For an object a colour word describes: the share of its map's peak region on pixels of that colour (the
+    lowest over its colour words) and the word; nothing when no colour word of it can be read in this image."""
+    got = [g for g in ((pixels.named_share(v.raw, a.text, px), a.text) for a in views if a.role == "attribute"
+                       and a.binds_to == v.index and pixels.checkable(a.text)) if g[0] is not None]
+    return dict(zip(("own_colour", "own_colour_word"), min(got))) if got else {}
 
 
 def _side_scores(v: ConceptView, sc: dict) -> dict:
@@ -281,14 +292,26 @@ def judges(name: str, s: dict) -> bool:
 ATTENTION_ONLY = ("min_peak_ratio", "min_concentration", "max_shared_region", "max_area")  # missing rules, no pixels
 
 
+OWN_MAJORITY = 0.5  # "mostly its own colour": at least half of what is drawn under the map's peak
+YIELD_TO_OWN_DRAWN = ATTENTION_ONLY + ("min_own_colour",)
+
+
 def overruled(name: str, s: dict, th: Thresholds) -> bool:
-    """Whether the image overrules missing-rule ``name``: an attention-only rule stays silent when the object's
-    map peaks on a drawn thing of its own (``own_drawn`` at least ``min_drawn_share``, the share that counts as
-    "on something drawn"). Attention alone flags drawn objects whose maps are weak or diffuse: at the thresholds
-    tuned without this rule, it silenced 14 of the 33 missing flags on healthy shapes-v1 tuning concepts and 3 of
-    the 12 false star flags of the shapes-v2 evaluation, and no true one."""
+    """Whether the image overrules missing-rule ``name``. The attention-only rules and the own-colour rule stay
+    silent when the object's map peaks on a drawn thing of its own (``own_drawn`` at least ``min_drawn_share``, the
+    share that counts as "on something drawn"): it is drawn, and a wrong colour is its colour word's flag.
+    Attention alone flags drawn objects whose maps are weak or diffuse: at the thresholds tuned without this rule,
+    it silenced 14 of the 33 missing flags on healthy shapes-v1 tuning concepts and 3 of the 12 false star flags of
+    the shapes-v2 evaluation, and no true one. The drawn-share rule stays silent when what is drawn under the map's
+    peak is mostly the object's own named colour (``own_colour`` at least ``min_own_colour`` and at least
+    ``OWN_MAJORITY`` of ``drawn_share``): a small object drawn as named, its map spilling onto the background."""
+    if name == "min_drawn_share":
+        own = s.get("own_colour")
+        return own is not None and th.min_own_colour is not None and own >= th.min_own_colour \
+            and own >= OWN_MAJORITY * s.get("drawn_share", 0.0)
     own = s.get("own_drawn")
-    return name in ATTENTION_ONLY and own is not None and th.min_drawn_share is not None and own >= th.min_drawn_share
+    return name in YIELD_TO_OWN_DRAWN and own is not None and th.min_drawn_share is not None \
+        and own >= th.min_drawn_share
 
 
 def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
@@ -303,6 +326,8 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
                             f"rather than on an object",
         "min_drawn_share": lambda: f"only {s['drawn_share']:.0%} of its peak falls on anything drawn in the image "
                                    f"(threshold {th.min_drawn_share:.0%})",
+        "min_own_colour": lambda: f"only {s['own_colour']:.0%} of its peak falls on {s['own_colour_word']} pixels "
+                                  f"(threshold {th.min_own_colour:.0%})",
     }
     reasons, excess = [], 0.0
     for name, why in rules.items():
@@ -316,7 +341,8 @@ def _missing(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:
     return _flag("missing", excess,
                  f"'{v.text}': its {v.category} heads find no region of its own ({'; '.join(reasons)})",
                  "the object is probably not drawn", v.index,
-                 _pick(s, "peak_ratio", "concentration", "shared_region", "area", "drawn_share", "own_drawn"))
+                 _pick(s, "peak_ratio", "concentration", "shared_region", "area", "drawn_share", "own_drawn",
+                       "own_colour"))
 
 
 def _misplaced_object(v: ConceptView, s: dict, views, th: Thresholds) -> Flag | None:

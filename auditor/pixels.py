@@ -10,9 +10,12 @@ is the term most frequent along the image border, and a concept's own map weighs
   counts 1/256) that is not background. A drawn object's map peaks on the object; a neglected one's on empty
   background. On an image without a plain background (a photograph) nearly every pixel is "drawn", so the score
   stays high and never flags: the check helps where backgrounds are plain and is silent elsewhere.
-- ``own_drawn_shares`` (objects beside other objects): the share of the map's peak region on one drawn thing (a
-  connected non-background region) that no other object's map peaks on most. High = the word attends to something
-  drawn of its own, which contradicts "not drawn" (the diagnostics let it overrule their attention-only rules).
+- ``named_share`` (objects a colour word describes): the share of the map's peak region (weighed as ``drawn_share``)
+  on pixels of the named colour. Low = where the object's heads look, nothing of its colour is drawn: empty
+  background, or another thing (on shapes-v2, a neglected star's map peaks on the other object).
+- ``own_drawn_shares`` (every object): the share of the map's peak region on one drawn thing (a connected
+  non-background region) that no other object's map peaks on most. High = the word attends to something drawn of
+  its own, which contradicts "not drawn" (the diagnostics let it overrule their attention-only and own-colour rules).
   Only on a plain background (``PLAIN``): on a busy image any scenery is a "drawn thing", and the score is None.
 Nothing here knows a model or a palette beyond the lexicon's colour terms.
 """
@@ -87,6 +90,17 @@ def drawn_share(raw: np.ndarray, px: Pixels) -> float:
     w = _weights(raw, px.terms.shape, PEAK_POWER)
     total = float(w.sum())
     return float((w * px.drawn).sum() / total) if total > 0 else 0.0
+
+
+def named_share(raw: np.ndarray, word: str, px: Pixels) -> float | None:
+    """Share of the map's peak region (weighed as ``drawn_share``) on pixels of the colour ``word`` names; None
+    when the lexicon has no value for the word or the background is that colour (nothing to tell)."""
+    want = _terms()[2].get(word.strip().lower())
+    if want is None or px.background == want:
+        return None
+    w = _weights(raw, px.terms.shape, PEAK_POWER)
+    total = float(w.sum())
+    return float((w * (px.terms == want)).sum() / total) if total > 0 else 0.0
 
 
 PLAIN = 0.5  # least share of background pixels for an image to count as a plain background (shapes: 5th pct 0.60)

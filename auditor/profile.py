@@ -36,9 +36,10 @@ from auditor.engine.heads import HeadIndex, denoiser_of
 FORMAT = 1
 FILE = "profile.json"
 RANKINGS = ("localisation", "hrv")
-# image-side checks (auditor.pixels) -> the threshold that switches each off when the model's images do not suit it:
-# "drawn" reads what is drawn (an object's map on empty background; the own-drawn overrule), "colour" the colours
-IMAGE_CHECKS = {"drawn": "min_drawn_share", "colour": "min_colour_share"}
+# image-side checks (auditor.pixels) -> the thresholds that switch each off when the model's images do not suit it:
+# "drawn" reads what is drawn (an object's map on empty background; the own-drawn overrule), "colour" the colours;
+# an object's own named colour under its map (min_own_colour) reads both, so either switches it off
+IMAGE_CHECKS = {"drawn": ("min_drawn_share", "min_own_colour"), "colour": ("min_colour_share", "min_own_colour")}
 
 
 def _ranking_json(hr: HeadRanking) -> dict:
@@ -109,7 +110,7 @@ class AuditProfile:
         silenced (None), or None for an uncalibrated profile."""
         if self.thresholds is None:
             return None
-        off = {IMAGE_CHECKS[c]: None for c, on in self.image_checks.items() if not on}
+        off = {name: None for c, on in self.image_checks.items() if not on for name in IMAGE_CHECKS[c]}
         return replace(self.thresholds, **off)
 
     def k_for(self, category: str) -> int:

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from auditor.errors import AuditorError
 
 
+OPTIONAL = ("min_own_colour",)  # rules newer than some saved profiles: absent from one, the rule stays silent
+
+
 @dataclass(frozen=True)
 class Thresholds:
     # missing: an object's selective map has no confident region of its own
@@ -30,14 +33,17 @@ class Thresholds:
     min_colour_share: float | None  # share of the named colour in the image under a colour word's map
     # across seeds: a concept fails when its flag rate exceeds this
     max_flag_rate: float
+    # missing, from the image (after max_flag_rate so profiles made before it still load: absent = silent)
+    min_own_colour: float | None = None  # share of an object's map peak on pixels of its named colour
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Every field; an optional one only when set, so a profile made before its rule keeps its content hash."""
+        return {k: v for k, v in asdict(self).items() if not (k in OPTIONAL and v is None)}
 
     @classmethod
     def from_json(cls, data: dict, source: str = "thresholds") -> "Thresholds":
         """Every field required; unknown keys ignored (a newer profile may carry more)."""
-        names = [f.name for f in fields(cls)]
+        names = [f.name for f in fields(cls) if f.name in data or f.name not in OPTIONAL]
         missing = [n for n in names if n not in data]
         if missing:
             raise AuditorError(f"{source}: missing {', '.join(missing)}")

@@ -16,7 +16,7 @@ from auditor.thresholds import Thresholds
 S = 32
 TH = Thresholds(min_peak_ratio=0.3, min_concentration=0.3, max_shared_region=0.6, max_area=0.6, min_drawn_share=0.2,
                 min_binding_margin=-0.1, position_margin=0.05, min_category_margin=0.0, min_colour_share=0.02,
-                max_flag_rate=0.5)
+                max_flag_rate=0.5, min_own_colour=0.1)
 
 
 def blob(cx: float, cy: float, peak: float = 1.0, r: float = 0.12, floor: float = 0.01) -> np.ndarray:
@@ -181,6 +181,58 @@ def test_attention_only_missing_rules_yield_to_an_object_drawn_where_its_map_pea
     busy = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     sc, flags = diagnose(scene(star_map=weak), TH, busy)
     assert "own_drawn" not in sc[2] and types_of(flags, 2) == ["missing"]
+
+
+def coloured_star(word: str, star_map=None):
+    """The scene with a colour word (index 3) describing the star."""
+    return scene(star_map=star_map) + [ConceptView(3, word, "attribute", "colour", blob(0.75, 0.5, 0.5), binds_to=2)]
+
+
+def test_missing_fires_when_an_objects_map_peaks_on_another_objects_colour():
+    # The star's map peaks on the red cat (the cat's map peaks there too): "a red star" could be there, "a blue
+    # star" is not. Attention rules off, so only the image can tell.
+    th = Thresholds(**{**TH.to_json(), "min_peak_ratio": 0.0, "min_concentration": 0.0, "max_shared_region": 1.0,
+                       "max_area": 1.0})
+    on_cat, img = blob(0.25, 0.5, 0.8), painted((215, 45, 35), right=False)
+    sc, healthy = diagnose(coloured_star("red", on_cat), th, img)
+    assert sc[2]["own_colour"] > 0.9 and types_of(healthy, 2) == []
+    sc, flags = diagnose(coloured_star("blue", on_cat), th, img)
+    assert sc[2]["own_colour"] < 0.01 and sc[2]["drawn_share"] > 0.9 and sc[2]["own_drawn"] == 0.0
+    f = next(f for f in flags if f.concept == 2 and f.type == "missing")
+    assert "blue pixels" in f.message and f.scores["own_colour"] < 0.01
+    # Without the rule (a profile made before it) nothing sees it.
+    off = Thresholds(**{**th.to_json(), "min_own_colour": None})
+    assert types_of(flags_from_scores(coloured_star("blue", on_cat), sc, off), 2) == []
+    # A blue star drawn green, where its map peaks on a drawn thing of its own: drawn, so not missing (its colour
+    # word's flag says what is wrong).
+    sc, flags = diagnose(coloured_star("blue"), th, painted((215, 45, 35)))
+    assert sc[2]["own_colour"] < 0.01 and sc[2]["own_drawn"] > 0.9 and types_of(flags, 2) == []
+    assert "own_colour" not in scores(scene(), img)[2]  # no colour word: no score
+    # A lone blue star drawn green is drawn too; a lone blue star with nothing drawn where its map peaks is not.
+    lone = [ConceptView(0, "blue", "attribute", "colour", blob(0.75, 0.5), binds_to=1),
+            ConceptView(1, "star", "object", "shape", blob(0.75, 0.5))]
+    sc, flags = diagnose(lone, th, painted((215, 45, 35)))
+    assert sc[1]["own_colour"] < 0.01 and sc[1]["own_drawn"] > 0.9 and types_of(flags, 1) == []
+    sc, flags = diagnose(lone, th, painted((215, 45, 35), right=False))
+    assert sc[1]["own_drawn"] < 0.01 and types_of(flags, 1) == ["missing"]
+
+
+def test_a_map_spilling_round_a_small_object_of_its_own_colour_is_not_missing():
+    wide = blob(0.75, 0.5, r=0.3)  # peaks on the green disc, spreads over the background round it
+    th = Thresholds(**{**TH.to_json(), "min_drawn_share": 0.95})
+    sc, flags = diagnose(coloured_star("green", wide), th, painted((215, 45, 35)))
+    assert sc[2]["drawn_share"] < 0.95 and sc[2]["own_colour"] >= 0.5 * sc[2]["drawn_share"]
+    assert types_of(flags, 2) == []  # what is drawn under its peak is its own colour: the drawn rule yields
+    # Its twin: the same map over a disc of another colour than the star's; the drawn rule stands.
+    sc, flags = diagnose(coloured_star("blue", wide), th, painted((215, 45, 35)))
+    assert types_of(flags, 2) == ["missing"] and "drawn in the image" in next(f for f in flags if f.concept == 2).message
+
+
+def test_a_threshold_newer_than_a_profile_is_optional_and_silent():
+    data = {k: v for k, v in TH.to_json().items() if k != "min_own_colour"}
+    th = Thresholds.from_json(data)
+    assert th.min_own_colour is None and th.to_json() == data  # a saved profile keeps its content (and hash)
+    assert Thresholds.from_json(TH.to_json()).min_own_colour == TH.min_own_colour
 
 
 def test_own_drawn_is_zero_when_another_objects_map_peaks_on_the_same_drawn_thing():
