@@ -43,8 +43,7 @@ PLAIN_PROCESSORS = frozenset({
 })
 
 # observe(query rows [items, heads, r, d], probs rows [items, heads, r, T] or None, rows: slice of the layer's N
-# queries, N[, total]), for the recorded (conditional) items only; ``total`` is given when the probs hold only the
-# tap's kept columns of a ``total``-token text sequence
+# queries, N[, total: given when the probs hold only the tap's kept columns]), for the recorded items only
 Observer = Callable[..., None]
 
 CPU_BLOCK_BYTES = 2 << 20  # on CPU, scores are computed in query blocks of about this size (see block_rows)
@@ -275,9 +274,8 @@ class Tap:
         return observe
 
     def columns_for(self, total: int) -> tuple[slice, ...] | None:
-        """The text columns whose probabilities this tap keeps, out of a text sequence of ``total`` tokens, as runs
-        of consecutive columns (None: all of them; ``take`` applies them). A recorder that can compute just these
-        asks before computing any."""
+        """The text columns this tap keeps of a ``total``-token sequence, as runs of consecutive columns (None: all;
+        ``take`` applies them). A recorder that can compute just these asks before computing any."""
         cols = self.kept_columns(total)
         if cols is None:
             return None
