@@ -201,7 +201,9 @@ def test_calibration_sharded_on_ray_equals_calibration_here(cluster):
 
     lm = load_model("shapes-v1", "cpu")
     prompts = sample_prompts(24, seed=5)
-    kwargs = dict(budget=24, threshold_prompts=6, flag_budget=0.2, max_flag_rate=0.5, steps=3, guidance=5.0,
+    # The budget is loose so that six prompts' concepts always fit a quantile above 0 (a tight one can leave the
+    # profile uncalibrated, which would compare nothing): this test is about sharding, not about the fit.
+    kwargs = dict(budget=24, threshold_prompts=6, flag_budget=0.9, max_flag_rate=0.5, steps=3, guidance=5.0,
                   lexicon=bundled_lexicon())
     here = calibrate_profile(lm, prompts, "test", **kwargs)
     with open_executor(ExecutionOptions("ray", workers=2), lm, None, "cpu", False) as ex:
@@ -213,7 +215,8 @@ def test_calibration_sharded_on_ray_equals_calibration_here(cluster):
     assert a.budget_prompts == b.budget_prompts and a.agreement_curve == b.agreement_curve
     assert np.array_equal(a.sums, b.sums) and np.array_equal(a.halves, b.halves)
     assert here.thresholds is not None and here.thresholds.to_json() == sharded.thresholds.to_json()
-    assert here.k_per_category() == sharded.k_per_category()
+    assert here.provenance["thresholds"]["q"] > 0
+    assert here.content() == sharded.content()
 
 
 def test_workers_the_cluster_cannot_hold_or_another_model_are_refused(cluster):
