@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/audit_cost.py            # `auditor audit shapes-default` (HTML + PDF) into work_bench/
     .venv/bin/python bench/audit_cost.py --no-pdf
-    .venv/bin/python bench/audit_cost.py --against ../old-checkout --repeats 3   # this code vs another, interleaved
+    .venv/bin/python bench/audit_cost.py --against ../old-checkout --repeats 4   # this code vs another, interleaved
 
 Runs the console command in a fresh process (model loading, concept extraction, traced generation, maps,
 diagnostics, the run store, HTML and PDF reports: everything a user waits for), then generates the same prompts
 and seeds without trace in this process, so the per-image cost of auditing can be read against plain generation.
 With ``--against DIR`` (another checkout of auditor, e.g. ``git worktree add DIR <commit>``) the same audit runs
-from both checkouts in alternation, ``--repeats`` times each, in fresh processes with the same interpreter and
-libraries, and the ratio of the medians is reported: a before/after figure measured side by side.
+from both checkouts in alternation (each first in half the repeats), ``--repeats`` times each, in fresh processes
+with the same interpreter and libraries, and the ratio of the medians is reported: a before/after figure measured
+side by side.
 Results: ``bench/results/audit_cost.json``.
 """
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.RESULTS / "audit_cost.json"))
     ap.add_argument("--against", default=None, help="another checkout to time the same audit from, interleaved")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -111,14 +112,17 @@ def side_by_side(args, mach: dict, t0: float) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=other, capture_output=True,
                             text=True).stdout.strip()
     walls: dict[str, list[float]] = {"this": [], "other": []}
+    pair = (("this", common.ROOT), ("other", other))
     for r in range(args.repeats):
-        for name, root in (("this", common.ROOT), ("other", other)):
+        # Whichever runs first in a repeat measured slower on this machine (page cache, CPU clocks), so the order
+        # alternates: an even number of repeats puts each checkout first equally often.
+        for name, root in (pair if r % 2 == 0 else pair[::-1]):
             walls[name].append(timed_audit(root, common.CACHE / f"audit_cost_{name}", args.no_pdf))
             print(f"repeat {r + 1}: {name} {walls[name][-1]:.1f} s", flush=True)
     med = {k: float(np.median(v)) for k, v in walls.items()}
     res = {"benchmark": "audit_cost_side_by_side", "command": common.command(), "machine": mach,
            "commit": common.git_commit(), "against": {"path": str(other), "commit": commit}, "suite": SUITE,
-           "pdf": not args.no_pdf, "walls": walls, "median_seconds": med, "ratio_this_over_other": med["this"] / med["other"],
+           "pdf": not args.no_pdf, "order": "alternating, this first in odd repeats", "walls": walls, "median_seconds": med, "ratio_this_over_other": med["this"] / med["other"],
            "wall_seconds": time.perf_counter() - t0}
     out = Path(args.out).with_name("audit_cost_side_by_side.json")
     out.write_text(json.dumps(res, indent=1))

@@ -41,11 +41,15 @@ def main() -> None:
 
         th = load()
         args = (relevance_for(lm.pipe), th, th.k)
+    try:  # where the audit's traced generation lives now; older checkouts had it beside generation_record
+        from auditor.tasks import generate_one
+    except ImportError:
+        generate_one = R.generate_one
     record = gen = 0.0
     for p, cs in zip(suite.prompts, extracted):
         t = time.process_time()
         extra = () if with_profile else (args[0],)
-        image, tr = R.generate_one(lm.pipe, p.text, 0, suite.defaults.steps, suite.defaults.guidance, None, *extra)
+        image, tr = generate_one(lm.pipe, p.text, 0, suite.defaults.steps, suite.defaults.guidance, None, *extra)
         gen += time.process_time() - t
         t = time.process_time()
         for _ in range(3):
