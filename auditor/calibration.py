@@ -76,17 +76,16 @@ def thresholds_at(generations: Sequence[Sequence[dict]], q: float, max_flag_rate
 
 
 def _cut(xs: np.ndarray, q: float, direction: str) -> float:
-    """The q quantile on the bad side; a cut that would fall inside a repeated extreme value held by a minority (a
-    colour share of exactly 0: none of the colour anywhere) moves just past it, so the rule flags that value rather
-    than nothing. Tied values can only be flagged whole; a value most concepts share discriminates nothing."""
-    if direction == "low":
-        cut, extreme, inward = float(np.quantile(xs, q)), float(xs.min()), np.inf
-    else:
-        cut, extreme, inward = float(np.quantile(xs, 1 - q)), float(xs.max()), -np.inf
-    tied = int((xs == extreme).sum())
-    if q > 0 and cut == extreme and 1 < tied < len(xs) / 2:
-        return float(np.nextafter(extreme, inward))
-    return cut
+    """The q quantile on the bad side. A repeated extreme value held by a minority (a colour share of exactly 0:
+    none of the colour anywhere) is a state of its own, not the low tail of the rest: at any q above 0 it is
+    flagged whole and the cut is the q quantile of the other values, so that a model's outright failures do not
+    use up the quantile meant for the weak cases among the others. A value most concepts share discriminates
+    nothing and gets no such treatment."""
+    extreme = float(xs.min() if direction == "low" else xs.max())
+    tied = xs == extreme
+    if q > 0 and 1 < int(tied.sum()) < len(xs) / 2:
+        xs = xs[~tied]
+    return float(np.quantile(xs, q if direction == "low" else 1 - q))
 
 
 def flag_rate(generations: Sequence[Sequence[dict]], th: Thresholds,

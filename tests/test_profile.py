@@ -9,6 +9,7 @@ import pytest
 
 from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
 from auditor.calibration import fit_thresholds, thresholds_at
+from auditor.diagnostics import flags_from_records
 from auditor.errors import AuditorError
 from auditor.profile import AuditProfile, profile_for
 from auditor.zoo import MODELS_DIR
@@ -153,11 +154,18 @@ def test_an_uncalibrated_bundled_model_is_not_judged(cli, tmp_path):
     assert "acceptance: not judged (uncalibrated)" in out and "PASS" not in out and "uncalibrated" in err
 
 
-def test_a_repeated_extreme_value_is_flagged_whole_not_never():
+def test_a_repeated_extreme_value_is_flagged_whole_and_the_quantile_taken_over_the_rest():
     # 10% of the colour words have none of their colour at all (share exactly 0): a quantile below that tie must
-    # still flag them, or the rule could never fire on the clearest failures
+    # still flag them, or the rule could never fire on the clearest failures; and the tie must not use up q, or
+    # the weak shares among the others (a blended rim of the colour) would never be flagged
+    rest = [0.2 + i / 200 for i in range(10, 100)]
     gens = [[{"id": 0, "text": "red", "role": "attribute", "category": "colour", "binds_to": None,
-              "scores": {"colour_share": 0.0 if i < 10 else 0.2 + i / 200}}] for i in range(100)]
+              "scores": {"colour_share": 0.0 if i < 10 else rest[i - 10]}}] for i in range(100)]
     th = thresholds_at(gens, 0.05, 0.5)
-    assert 0.0 < th.min_colour_share < 0.2
+    assert th.min_colour_share == pytest.approx(float(np.quantile(rest, 0.05)))
+    flagged = sum(flags_from_records(g, th) != [] for g in gens)
+    assert flagged == 10 + 5  # the tie whole, then about q of the 90 others
     assert thresholds_at(gens, 0.0, 0.5).min_colour_share == 0.0  # q = 0 flags nothing
+    # a value most concepts share is no state of its own: the plain quantile
+    common = [[{**g[0], "scores": {"colour_share": 0.0 if i < 60 else 0.5}}] for i, g in enumerate(gens)]
+    assert thresholds_at(common, 0.05, 0.5).min_colour_share == 0.0
