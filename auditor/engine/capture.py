@@ -37,10 +37,9 @@ from auditor.errors import AuditorError
 
 # Processors whose output is plain scaled-dot-product attention, so the explicit computation below reproduces it.
 # Others (IP-Adapter, custom) take extra inputs the capture would silently drop, so tracing refuses them.
-PLAIN_PROCESSORS = frozenset({
-    "AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU",
-    "FusedAttnProcessor2_0", "XLAFlashAttnProcessor2_0", "AttnProcessorXFormers",
-})
+PLAIN_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
+                              "AttnProcessorNPU", "FusedAttnProcessor2_0", "XLAFlashAttnProcessor2_0",
+                              "AttnProcessorXFormers"})
 
 # observe(query rows [items, heads, r, d], probs rows [items, heads, r, T] or None, rows: slice of the layer's N
 # queries, N[, total: given when the probs hold only the tap's kept columns]), for the recorded items only
@@ -207,6 +206,7 @@ class Tap:
         self._counting = False
         self.first_cond = 0  # batch index of the first conditional item
         self._column_runs = None  # (kept columns, total, runs): columns_for's last answer
+        self._observers: dict[int, Observer] = {}
 
     # --- hook callbacks ---------------------------------------------------------------------------------------
     def on_generation(self, prompts: list[str] | None, images_per_prompt: int,
@@ -258,20 +258,20 @@ class Tap:
     def observer(self, layer_index: int, attn) -> Observer | None:
         if not self._counting:
             return None
+        if layer_index not in self._observers:  # asked at every layer call: made once per layer
+            self._observers[layer_index] = functools.partial(self._observe, layer_index, attn)
+        return self._observers[layer_index]
 
-        def observe(query: torch.Tensor, probs: torch.Tensor | None, rows: slice, n: int,
-                    total: int | None = None) -> None:
-            # ``total``: the layer's text length, given when ``probs`` hold only ``columns_for(total)`` already
-            name = self.head_index.layers[layer_index]
-            if name not in self.grids:
-                self.grids[name] = layer_grid(self.latent_size, n)
-            if probs is not None and total is None:
-                runs = self.columns_for(int(probs.shape[-1]))
-                if runs is not None:
-                    probs = take(probs, runs, -1)
-            self.on_attention(layer_index, attn, query, probs, rows, n)
-
-        return observe
+    def _observe(self, layer_index: int, attn, query: torch.Tensor, probs: torch.Tensor | None, rows: slice, n: int,
+                 total: int | None = None) -> None:
+        name = self.head_index.layers[layer_index]
+        if name not in self.grids:
+            self.grids[name] = layer_grid(self.latent_size, n)
+        if probs is not None and total is None:
+            runs = self.columns_for(int(probs.shape[-1]))
+            if runs is not None:
+                probs = take(probs, runs, -1)
+        self.on_attention(layer_index, attn, query, probs, rows, n)
 
     def columns_for(self, total: int) -> tuple[slice, ...] | None:
         """The text columns this tap keeps of a ``total``-token sequence, as runs of consecutive columns (None: all;

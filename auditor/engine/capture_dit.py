@@ -172,11 +172,11 @@ def _record_from_lse(tap, seen, q, k_text, lse, mask, scale: float) -> None:
     t = k_text.shape[2]
     # [items * heads, ...] views (a copy only where the layout needs one): one baddbmm gives q k^T * scale - lse
     kt = k_text.float().reshape(batch * heads, t, -1).transpose(1, 2)
-    qf, neg_lse = q.float().reshape(batch * heads, n, -1), lse.float().neg().reshape(batch * heads, n, 1)
+    qf, lse = q.float().reshape(batch * heads, n, -1), lse.float().reshape(batch * heads, n, 1)
     step = n if 4 * batch * heads * n * t <= CPU_BLOCK_BYTES else block_rows(q.device, batch, heads, n, t)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        scores = torch.baddbmm(neg_lse[:, rows], qf[:, rows], kt, alpha=scale).view(batch, heads, -1, t)
+        scores = torch.baddbmm(lse[:, rows], qf[:, rows], kt, beta=-1, alpha=scale).view(batch, heads, -1, t)
         if mask is not None:
             scores += (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
         seen(q[:, :, rows], scores.exp_(), rows, n, total)
