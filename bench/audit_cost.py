@@ -122,7 +122,8 @@ def side_by_side(args, mach: dict, t0: float) -> None:
     med = {k: float(np.median(v)) for k, v in walls.items()}
     res = {"benchmark": "audit_cost_side_by_side", "command": common.command(), "machine": mach,
            "commit": common.git_commit(), "against": {"path": str(other), "commit": commit}, "suite": SUITE,
-           "pdf": not args.no_pdf, "order": "alternating, this first in odd repeats", "walls": walls, "median_seconds": med, "ratio_this_over_other": med["this"] / med["other"],
+           "pdf": not args.no_pdf, "order": "alternating, this first in odd repeats", "walls": walls,
+           "median_seconds": med, "ratio_this_over_other": med["this"] / med["other"],
            "wall_seconds": time.perf_counter() - t0}
     out = Path(args.out).with_name("audit_cost_side_by_side.json")
     out.write_text(json.dumps(res, indent=1))

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results" / "capture_overhead.json"
@@ -82,20 +83,12 @@ def timed(pipe, mode: str, prompt: str, steps: int, seed: int, h: int, w: int) -
     return time.perf_counter() - t, time.process_time() - c
 
 
-def _median_interval(ratios: list[float], reps: int = 2000, seed: int = 0) -> list[float]:
-    """95% bootstrap interval of the median ratio, resampling rounds: whether a median near the goal is over it or
-    within this machine's noise."""
-    import numpy as np
-
-    r = np.asarray(ratios)
-    meds = np.median(r[np.random.default_rng(seed).integers(0, len(r), (reps, len(r)))], axis=1)
-    return [round(float(np.quantile(meds, 0.025)), 4), round(float(np.quantile(meds, 0.975)), 4)]
-
-
 def _stats(plain: list[float], traced: list[float]) -> dict:
     ratios = [b / a for a, b in zip(plain, traced)]
+    # the interval says whether a median near the goal is over it or within this machine's noise
+    ci = stats.bootstrap_median(ratios)["ci95"]
     return {"plain_s_median": round(statistics.median(plain), 4), "traced_s_median": round(statistics.median(traced), 4),
-            "ratio_median": round(statistics.median(ratios), 4), "ratio_median_ci95": _median_interval(ratios),
+            "ratio_median": round(statistics.median(ratios), 4), "ratio_median_ci95": [round(x, 4) for x in ci],
             "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
             # other work on the cores only ever adds time, so the fastest run of each side is the cleanest view
             "ratio_of_minima": round(min(traced) / min(plain), 4)}

@@ -164,14 +164,15 @@ def miou_figures(r: dict) -> list[str]:
 def example_figure(r: dict) -> str | None:
     """A few test concepts: image, oracle mask, all-heads and selective maps with their Otsu masks (from the
     cached captures). Without them the figure already drawn stays, with the run it came from; none is drawn."""
-    line = f"![examples: all heads vs selective]({rel(FIG / 'miou_examples.png')})"
+    drawn = FIG / "miou_examples.png"
+    kept = f"![examples: all heads vs selective]({rel(drawn)})" if drawn.exists() else None
     try:
         import miou
     except ImportError:
-        return line if (FIG / "miou_examples.png").exists() else None
+        return kept
     data = miou.load(common.CACHE / "miou_test.npz", None)
     if data is None:
-        return line if (FIG / "miou_examples.png").exists() else None
+        return kept
     from auditor.engine.maps import binarize
 
     from auditor.engine.maps import daam_weights
@@ -846,14 +847,18 @@ def selfcal_section(r: dict) -> str:
                  + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in worst.items())
                  + (" — **meets it**." if ok else " — does not meet it."))
     b = s["budgets"].get("0.1")
-    cut = "" if b is None else (f" (at budget 0.1: q {b['q']:.3f}, `min_colour_share` {b['thresholds']['min_colour_share']:.3f} "
-                                f"against the oracle-calibrated {s['oracle']['thresholds']['min_colour_share']:.3f})")
+    now, cut = "", ""
+    if b is not None:
+        recall = b["v2_defects"]["purple_as_blue"]["recall"]
+        now = f", against {(recall.get('rate') if isinstance(recall, dict) else recall):.2f} now"
+        cut = (f" (at budget 0.1: q {b['q']:.3f}, `min_colour_share` {b['thresholds']['min_colour_share']:.3f} "
+               f"against the oracle-calibrated {s['oracle']['thresholds']['min_colour_share']:.3f})")
     L += ["", "The quantile is taken over every concept, the model's own failures included. 8% of shapes-v1's tuning "
           "colour words have none of their colour drawn (a colour share of exactly 0, nearly all of them real "
           "failures). `calibration._cut` treats such a tie at the bad extreme, held by a minority, as a state of "
           "its own: it is flagged whole and the cut is the q quantile of the other values. Before (until "
           "2026-12-03) the cut stopped just past the tie, so only shares of exactly 0 were flagged and purple drawn "
-          "blue with a blended purple rim passed: purple recall 0.57 at budget 0.1, against 0.86 now. What is "
+          "blue with a blended purple rim passed: purple recall 0.57 at budget 0.1" + now + ". What is "
           "left of the gap is the cut itself" + cut + ": without ground truth the low tail of the drawn colour "
           "words is cut lower than among the oracle's healthy ones, and a larger budget trades the healthy rate "
           "for it. The oracle tune gives the same thresholds under both rules (checked on its 400 generations).", ""]

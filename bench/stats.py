@@ -4,7 +4,7 @@ Concepts of one generation share an image, a seed and a prompt, so they are not 
 resamples whole *clusters* (generations, or prompt pairs) when ``groups`` is given. All resampling uses a seeded
 ``numpy.random.default_rng`` so a rerun gives the same interval.
 
-    from bench.stats import iou, bootstrap_mean, paired_difference, rate, auc
+    from bench.stats import iou, bootstrap_mean, bootstrap_median, paired_difference, rate, auc
 """
 
 from __future__ import annotations
@@ -56,6 +56,17 @@ def bootstrap_mean(values: Sequence[float], groups: Sequence | None = None, n_bo
     a = (1 - level) / 2
     lo, hi = np.quantile(boot, [a, 1 - a])
     return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)], "n": int(v.size), "clusters": int(len(sums))}
+
+
+def bootstrap_median(values: Sequence[float], n_boot: int = N_BOOT, seed: int = SEED, level: float = 0.95) -> dict:
+    """Median of ``values`` with a percentile bootstrap interval (each value resampled on its own).
+
+    Returns {"median", "ci95": [lo, hi], "n"}."""
+    v = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    a = (1 - level) / 2
+    lo, hi = np.quantile(np.median(v[idx], axis=1), [a, 1 - a])
+    return {"median": float(np.median(v)), "ci95": [float(lo), float(hi)], "n": int(v.size)}
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], groups: Sequence | None = None, **kw) -> dict:

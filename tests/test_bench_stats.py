@@ -24,6 +24,17 @@ def test_iou_basic_cases():
     assert stats.iou(a, a) == 1.0
 
 
+def test_bootstrap_median_is_seeded_and_covers_the_median():
+    x = np.random.default_rng(1).normal(1.03, 0.05, 40)
+    a, b = stats.bootstrap_median(x, n_boot=500), stats.bootstrap_median(x, n_boot=500)
+    assert a == b and a["n"] == 40 and a["median"] == pytest.approx(float(np.median(x)))
+    assert a["ci95"][0] < a["median"] < a["ci95"][1]
+    assert stats.bootstrap_median(x, n_boot=500, seed=1) != a
+    # more rounds, a narrower interval
+    wide = stats.bootstrap_median(x[:10], n_boot=500)
+    assert wide["ci95"][1] - wide["ci95"][0] > a["ci95"][1] - a["ci95"][0]
+
+
 def test_bootstrap_mean_is_seeded_and_covers_the_mean():
     rng = np.random.default_rng(3)
     x = rng.normal(0.5, 0.1, 300)

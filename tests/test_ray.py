@@ -215,6 +215,7 @@ def test_calibration_sharded_on_ray_equals_calibration_here(cluster):
     assert a.budget_prompts == b.budget_prompts and a.agreement_curve == b.agreement_curve
     assert np.array_equal(a.sums, b.sums) and np.array_equal(a.halves, b.halves)
     assert here.thresholds is not None and here.thresholds.to_json() == sharded.thresholds.to_json()
+    assert here.k_per_category() == sharded.k_per_category()
     assert here.provenance["thresholds"]["q"] > 0
     assert here.content() == sharded.content()
 
