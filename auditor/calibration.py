@@ -5,11 +5,16 @@
    response;
 2. **localisation ranking** (``engine.localise.calibrate_localisation``): which heads' maps of a word are peaked,
    and k per category;
-3. **thresholds** from the model's own generations, no ground truth: audit-style generations of the threshold
-   prompts are scored with the new ranking; each score's cut sits at the same quantile ``q`` of its distribution
-   over the concepts its rule judges, ``q`` the largest for which at most ``flag_budget`` of those concepts get
-   any flag. The budget is explicit because nothing here can tell a model's real failures from false flags: with
-   a budget b, at most a share b of the calibration concepts is flagged, whatever the model's true failure rate.
+3. **thresholds** from the model's own generations, no ground truth (``self_fit_thresholds``): audit-style
+   generations of the threshold prompts are scored with the new ranking, and the quantile rule runs twice. Each
+   score's cut sits at the same quantile ``q`` of its distribution over the concepts its rule judges, ``q`` the
+   largest for which at most ``flag_budget`` of those concepts get any flag. The first pass, over every concept,
+   marks the generations it flags as presumed failures; the second takes its quantiles and its budget over the
+   concepts of the other generations, the presumed healthy ones. That is the oracle tuning's recipe (quantiles
+   over the generations drawn as asked) with the first pass standing in for the oracle: a model's outright
+   failures would otherwise sit in the quantiles and pull every cut towards them. The budget is therefore a
+   false-flag budget over presumed-healthy concepts; the share of all calibration concepts flagged is larger by
+   the model's failures, and is recorded beside it.
 
 ``fit_thresholds`` is the quantile rule itself; ``bench/diagnostics.py tune`` applies it to the concepts the
 shapes-world oracle confirms drawn as asked, which is how the bundled models' thresholds were set.
@@ -143,6 +148,38 @@ def fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, max_fla
     return th, lo, {"flagged": k, "concepts": n, "rate": k / n, "by_type": by_type}
 
 
+def self_fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, max_flag_rate: float
+                        ) -> tuple[Thresholds, float, dict]:
+    """Thresholds from a model's own generations, no ground truth: the quantile rule in two passes.
+
+    Args:
+        generations: each generation's concept records, as for ``fit_thresholds``.
+        budget: the largest share of the presumed-healthy concepts that may get a flag (in both passes: the
+            first pass bounds the share of every concept).
+        max_flag_rate: the across-seeds rule's value, recorded with the thresholds.
+
+    Returns:
+        (thresholds, q, achieved): the second pass's thresholds and q; ``achieved`` holds its flag rate over the
+        presumed-healthy concepts ("flagged", "concepts", "rate", "by_type"), the rate over every concept
+        ("all_concepts_rate") and the first pass ("first_pass": q, rate, generations presumed failures).
+        Where the first pass finds q = 0 or leaves no generation unflagged, its result is returned as is.
+
+    Example:
+        >>> th, q, achieved = self_fit_thresholds(records, 0.05, 0.5)  # doctest: +SKIP
+        >>> achieved["first_pass"]["presumed_failures"], achieved["all_concepts_rate"]  # doctest: +SKIP
+    """
+    first, q1, a1 = fit_thresholds(generations, budget, max_flag_rate)
+    healthy = {g for g, recs in enumerate(generations) if not flags_from_records(list(recs), first)}
+    passes = {"first_pass": {"q": q1, "rate": a1["rate"], "presumed_failures": len(generations) - len(healthy),
+                             "generations": len(generations)}}
+    if q1 <= 0.0 or not any(len(generations[g]) for g in healthy):
+        return first, q1, {**a1, "all_concepts_rate": a1["rate"], **passes}
+    th, q, achieved = fit_thresholds(generations, budget, max_flag_rate,
+                                     lambda g: range(len(generations[g])) if g in healthy else ())
+    k, n, _ = flag_rate(generations, th)
+    return th, q, {**achieved, "all_concepts_rate": k / n, **passes}
+
+
 def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget: int, threshold_prompts: int,
                       flag_budget: float, max_flag_rate: float, steps: int = 20, guidance: float = 7.5,
                       seed: int = 0, lexicon=None, progress: Callable[[str, int, int], None] | None = None,
@@ -156,7 +193,8 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
         budget: at most this many prompts for each ranking (each stops once its top heads agree).
         threshold_prompts: prompts generated (as images) to set the thresholds on; 0 leaves the profile
             uncalibrated.
-        flag_budget: the largest share of the threshold prompts' concepts that may be flagged.
+        flag_budget: the largest share of the presumed-healthy concepts of the threshold prompts' generations
+            that may be flagged (``self_fit_thresholds``).
         max_flag_rate: the across-seeds rule's value.
         steps, guidance, seed: generation settings (prompt i uses seed ``seed + i``).
         lexicon: {category: words} for HRV concept keys (default: the package lexicon).
@@ -204,28 +242,36 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
                                                      flag_budget, max_flag_rate, steps, guidance, seed, progress,
                                                      executor)
         if q <= 0.0:  # every informative cut flagged more than the budget: thresholds at the extremes cannot fail
+            over = ("concepts" if achieved["first_pass"]["q"] <= 0.0 else
+                    "presumed-healthy concepts (the second pass)")
             prof.provenance["thresholds"] = (
                 f"none: uncalibrated. At every quantile q above 0 the thresholds flagged more than {flag_budget:.0%} "
-                f"of the {threshold_prompts} threshold generations' concepts, so they would sit at the scores' "
+                f"of the {threshold_prompts} threshold generations' {over}, so they would sit at the scores' "
                 "extremes and flag nothing: this model's maps do not separate its concepts (auditor.calibration)")
             return prof
         prof.thresholds = th
         prof.provenance["thresholds"] = {
-            "how": "self-calibrated: each score's cut at the q / (1 - q) quantile over every concept of the "
-                   "threshold prompts' generations its rule judges, q the largest flagging at most the budget "
-                   "(auditor.calibration.fit_thresholds); no ground truth",
+            "how": "self-calibrated, no ground truth (auditor.calibration.self_fit_thresholds): each score's cut "
+                   "at the q / (1 - q) quantile of its values over the concepts its rule judges, q the largest "
+                   "flagging at most the budget; a first pass over every concept of the threshold prompts' "
+                   "generations presumes the generations it flags failures, the second pass fits over the rest",
             "prompts": prompt_source, "generations": threshold_prompts, "flag_budget": flag_budget, "q": round(q, 5),
-            "achieved": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in achieved.items()},
+            "achieved": _rounded(achieved),
             "version": __version__, **gen}
     else:
         prof.provenance["thresholds"] = "none: uncalibrated (no threshold prompts)"
     return prof
 
 
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else _rounded(v) if isinstance(v, dict) else v
+            for k, v in d.items()}
+
+
 def self_calibrated_thresholds(lm, profile, prompts: Sequence[str], flag_budget: float, max_flag_rate: float,
                                steps: int, guidance: float, seed: int, progress=None, executor=None):
     """Generate each prompt as an audit does, score its concepts with ``profile``, fit thresholds to the budget
-    (the generations spread by ``executor.map`` when given)."""
+    with ``self_fit_thresholds`` (the generations spread by ``executor.map`` when given)."""
     extracted = extract_many(list(prompts), tokenizer=text_sequence(lm.pipe))
     jobs = [(p, cs, seed + i, steps, guidance, profile) for i, (p, cs) in enumerate(zip(prompts, extracted))]
     if executor is None:
@@ -238,7 +284,7 @@ def self_calibrated_thresholds(lm, profile, prompts: Sequence[str], flag_budget:
         records = executor.map(threshold_record, jobs)
         if progress:
             progress("thresholds", len(records), len(prompts))
-    return fit_thresholds(records, flag_budget, max_flag_rate)
+    return self_fit_thresholds(records, flag_budget, max_flag_rate)
 
 
 def threshold_record(pipe, prompt: str, concepts, seed: int, steps: int, guidance: float, profile) -> list[dict]:

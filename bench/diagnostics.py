@@ -576,9 +576,10 @@ def tune(args) -> None:
 
 
 def selfcal(args) -> None:
-    """Thresholds without the oracle: the same quantile rule over every concept of the tuning generations (what
-    ``auditor calibrate`` does on a model's own generations), at flag budgets; each judged like the shipped ones."""
-    from auditor.calibration import fit_thresholds
+    """Thresholds without the oracle, at flag budgets, each judged like the shipped ones: what ``auditor
+    calibrate`` does on a model's own generations (``self_fit_thresholds``: two passes, the second over the
+    generations the first leaves unflagged), and the quantile rule in one pass over every concept beside it."""
+    from auditor.calibration import fit_thresholds, self_fit_thresholds
 
     exclude = suite_prompts()
     tuning = grammar_set(TUNE_SEED, args.tune_n, exclude)
@@ -599,11 +600,16 @@ def selfcal(args) -> None:
                 "v1_all_flag_rate": false_flag_rate(g1, th, False),
                 "v2_defects": {n: {"precision": v["precision"], "recall": v["recall"]} for n, v in d.items()}}
 
-    res = {"oracle": judged(profile.thresholds), "budgets": {}}
+    res = {"oracle": judged(profile.thresholds), "budgets": {}, "one_pass_budgets": {}}
     for b in args.budgets:
+        th, q, achieved = self_fit_thresholds(records, b, MAX_FLAG_RATE)
+        res["budgets"][str(b)] = {"q": q, "tuning_all_flag_rate": achieved["all_concepts_rate"],
+                                  "first_pass": achieved["first_pass"], **judged(th)}
         th, q, achieved = fit_thresholds(records, b, MAX_FLAG_RATE)
-        res["budgets"][str(b)] = {"q": q, "tuning_all_flag_rate": achieved["rate"], **judged(th)}
-        print(f"budget {b}: q {q:.4f}, v1 healthy {res['budgets'][str(b)]['v1_healthy_flag_rate']['rate']}", flush=True)
+        res["one_pass_budgets"][str(b)] = {"q": q, "tuning_all_flag_rate": achieved["rate"], **judged(th)}
+        print(f"budget {b}: q {res['budgets'][str(b)]['q']:.4f}, v1 healthy "
+              f"{res['budgets'][str(b)]['v1_healthy_flag_rate']['rate']} (one pass "
+              f"{res['one_pass_budgets'][str(b)]['v1_healthy_flag_rate']['rate']})", flush=True)
     _merge_results({"self_calibration": res})
     print(json.dumps(res, indent=1))
 

@@ -807,15 +807,18 @@ def profile_section() -> str:
 def selfcal_section(r: dict) -> str:
     s = r["self_calibration"]
     L = ["## Thresholds without an oracle", ""]
-    L += ["`auditor calibrate` sets thresholds from a model's own generations: the quantile rule of the oracle "
-          "tuning (`auditor.calibration.fit_thresholds`), but over *every* concept of the calibration generations, "
-          "with the flag budget as the only input. Measured on shapes-v1's 400 TUNING generations (as the oracle "
-          "tuning, same maps), judged on HEALTHY-EVAL (v1) and the DEFECT-EVAL of shapes-v2 like the shipped "
-          "thresholds. Precision / recall by the oracle.", "",
+    L += ["`auditor calibrate` sets thresholds from a model's own generations with the quantile rule of the oracle "
+          "tuning, the flag budget its only input, in two passes (`auditor.calibration.self_fit_thresholds`): the "
+          "first, over every concept of the calibration generations, marks the generations it flags as presumed "
+          "failures; the second takes its quantiles and its budget over the concepts of the other generations, as "
+          "the oracle tuning does over the generations the oracle confirms drawn as asked. The one-pass rule (the "
+          "quantiles over every concept; what calibrate did until 2026-12-03) is measured beside it. Both on "
+          "shapes-v1's 400 TUNING generations (as the oracle tuning, same maps), judged on HEALTHY-EVAL (v1) and "
+          "the DEFECT-EVAL of shapes-v2 like the shipped thresholds. Precision / recall by the oracle.", "",
           "```sh", ".venv/bin/python bench/diagnostics.py --threads 1 selfcal --per-defect 60 --controls 30 --v1-n 200",
           "```", "",
-          "| thresholds | v1 healthy concepts flagged | v1 all concepts flagged | star_neglected | purple_as_blue | "
-          "green per generation |", "|---|---|---|---|---|---|"]
+          "| thresholds | q | v1 healthy concepts flagged | v1 all concepts flagged | star_neglected | purple_as_blue | "
+          "green per generation |", "|---|---|---|---|---|---|---|"]
 
     def pr(d, key):
         v = d["v2_defects"].get(key)
@@ -826,9 +829,13 @@ def selfcal_section(r: dict) -> str:
         rr = rr.get("rate") if isinstance(rr, dict) else rr
         return f"{'—' if p is None else f'{p:.2f}'} / {'—' if rr is None else f'{rr:.2f}'}"
 
-    rows = [("oracle-calibrated (shipped)", s["oracle"])] + [(f"self, budget {b}", d) for b, d in s["budgets"].items()]
+    two, one = s["budgets"], s.get("one_pass_budgets", {})
+    rows = ([("oracle-calibrated (shipped)", s["oracle"])]
+            + [(f"self, two passes (calibrate), budget {b}", d) for b, d in two.items()]
+            + [(f"self, one pass, budget {b}", d) for b, d in one.items()])
     for name, d in rows:
-        L.append(f"| {name} | {d['v1_healthy_flag_rate']['rate']:.1%} | {d['v1_all_flag_rate']['rate']:.1%} | "
+        q = f"{d['q']:.3f}" if "q" in d else "—"
+        L.append(f"| {name} | {q} | {d['v1_healthy_flag_rate']['rate']:.1%} | {d['v1_all_flag_rate']['rate']:.1%} | "
                  f"{pr(d, 'star_neglected')} | {pr(d, 'purple_as_blue')} | {pr(d, 'green_misbound_per_prompt')} |")
 
     def gap(d, key, part):
@@ -838,30 +845,38 @@ def selfcal_section(r: dict) -> str:
 
     L += ["", "Against the goal (healthy flag rate within 1 point of the oracle-calibrated one; each defect's "
           "precision and recall within 0.05 of it):", ""]
-    for b, d in s["budgets"].items():
-        dh = abs(d["v1_healthy_flag_rate"]["rate"] - s["oracle"]["v1_healthy_flag_rate"]["rate"])
-        worst = {k: max(x for x in (gap(d, k, "precision"), gap(d, k, "recall"), 0.0) if x is not None)
-                 for k in ("star_neglected", "purple_as_blue", "green_misbound_per_prompt")}
-        ok = dh <= 0.01 and all(v <= 0.05 for v in worst.values())
-        L.append(f"- budget {b}: healthy rate {dh * 100:.1f} points away; largest precision/recall gap "
-                 + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in worst.items())
-                 + (" — **meets it**." if ok else " — does not meet it."))
-    b = s["budgets"].get("0.1")
-    now, cut = "", ""
-    if b is not None:
-        recall = b["v2_defects"]["purple_as_blue"]["recall"]
-        now = f", against {(recall.get('rate') if isinstance(recall, dict) else recall):.2f} now"
-        cut = (f" (at budget 0.1: q {b['q']:.3f}, `min_colour_share` {b['thresholds']['min_colour_share']:.3f} "
-               f"against the oracle-calibrated {s['oracle']['thresholds']['min_colour_share']:.3f})")
-    L += ["", "The quantile is taken over every concept, the model's own failures included. 8% of shapes-v1's tuning "
-          "colour words have none of their colour drawn (a colour share of exactly 0, nearly all of them real "
-          "failures). `calibration._cut` treats such a tie at the bad extreme, held by a minority, as a state of "
-          "its own: it is flagged whole and the cut is the q quantile of the other values. Before (until "
-          "2026-12-03) the cut stopped just past the tie, so only shares of exactly 0 were flagged and purple drawn "
-          "blue with a blended purple rim passed: purple recall 0.57 at budget 0.1" + now + ". What is "
-          "left of the gap is the cut itself" + cut + ": without ground truth the low tail of the drawn colour "
-          "words is cut lower than among the oracle's healthy ones, and a larger budget trades the healthy rate "
-          "for it. The oracle tune gives the same thresholds under both rules (checked on its 400 generations).", ""]
+    for rule, budgets in (("two passes", two), ("one pass", one)):
+        for b, d in budgets.items():
+            dh = abs(d["v1_healthy_flag_rate"]["rate"] - s["oracle"]["v1_healthy_flag_rate"]["rate"])
+            worst = {k: max(x for x in (gap(d, k, "precision"), gap(d, k, "recall"), 0.0) if x is not None)
+                     for k in ("star_neglected", "purple_as_blue", "green_misbound_per_prompt")}
+            ok = dh <= 0.01 and all(v <= 0.05 for v in worst.values())
+            L.append(f"- {rule}, budget {b}: healthy rate {dh * 100:.1f} points away; largest precision/recall gap "
+                     + ", ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in worst.items())
+                     + (" — **meets it**." if ok else " — does not meet it."))
+    fp = two.get("0.05", {}).get("first_pass")
+    if fp:
+        d = two["0.05"]
+        L += ["", f"At budget 0.05 the first pass flags {fp['rate']:.1%} of the tuning concepts and presumes "
+              f"{fp['presumed_failures']} of the {fp['generations']} generations failures; the second pass's cuts "
+              f"(q {d['q']:.3f}; `min_colour_share` {d['thresholds']['min_colour_share']:.3f} against the "
+              f"oracle-calibrated {s['oracle']['thresholds']['min_colour_share']:.3f}) flag "
+              f"{d['tuning_all_flag_rate']:.1%} of all tuning concepts and {d['v1_all_flag_rate']['rate']:.1%} of "
+              f"all HEALTHY-EVAL concepts (the oracle-calibrated: {s['oracle']['v1_all_flag_rate']['rate']:.1%}). "
+              "0.05 is the oracle "
+              "tuning's own target, so this row is the like-for-like comparison, and calibrate's default. The "
+              "budget is a false-flag budget over *presumed*-healthy concepts, which still hold the failures the "
+              "first pass missed: a larger budget flags many more of the oracle's healthy concepts than its value "
+              "says (the rows above), so it is not a dial to turn up for recall. With one pass the quantile is "
+              "spent inside the model's own failures (8% of the tuning colour words have none of their colour "
+              "drawn) and the cuts sit lower: no budget meets the goal. The gaps are point estimates; the Wilson "
+              "intervals of each precision and recall are about ±0.1 wide at these counts. The variant was chosen "
+              "after seeing this evaluation: second-pass budgets 0.05 and 0.1 after first passes at 0.05, 0.1 and "
+              "0.15 were tried; equal budgets (one parameter, as shipped) is the only form offered.", ""]
+    L += ["`calibration._cut` treats a tie at a score's bad extreme held by a minority (a colour share of exactly 0: "
+          "none of the colour drawn) as a state of its own: flagged whole, the cut the q quantile of the other "
+          "values. The oracle tune gives the same thresholds with and without it (checked on its 400 generations).",
+          ""]
     return "\n".join(L)
 
 

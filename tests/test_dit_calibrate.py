@@ -133,12 +133,12 @@ def test_calibrate_audit_and_compare_a_saved_transformer(name, saved, tmp_path, 
     folder = str(saved[name])
     args = ("calibrate", "--model", folder, "--budget", "4", "--threshold-prompts", "4", "--steps", "2", "--device",
             "cpu")
-    # a random model's scores separate nothing: at a 10% budget no cut above the extremes fits, and the profile
+    # a random model's scores separate nothing: at the default 5% budget no cut above the extremes fits, and the profile
     # says it is uncalibrated rather than ship thresholds that cannot flag
     code, out, err = cli(*args)
     assert code == 0, err
     assert "relevance (HRV): 4 prompts x 2 steps" in out and "thresholds: none (uncalibrated" in out
-    code, out, err = cli(*args, "--flag-budget", "0.5")  # a budget its scores can meet: thresholds to compare with
+    code, out, err = cli(*args, "--flag-budget", "0.9")  # a budget its scores can meet: thresholds to compare with
     assert code == 0, err
     assert "thresholds: set on 4 generations" in out
     suite = tmp_path / "suite.yaml"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
-from auditor.calibration import fit_thresholds, thresholds_at
+from auditor.calibration import fit_thresholds, self_fit_thresholds, thresholds_at
 from auditor.diagnostics import flags_from_records
 from auditor.errors import AuditorError
 from auditor.profile import AuditProfile, profile_for
@@ -95,6 +95,29 @@ def test_fit_thresholds_meets_the_flag_budget_and_leaves_unseen_rules_off():
     assert only_first.min_peak_ratio < th.min_peak_ratio  # quantiles over the chosen population only
     with pytest.raises(AuditorError, match="budget"):
         fit_thresholds(gens, 0.0, 0.5)
+
+
+def test_self_calibration_fits_its_second_pass_over_the_generations_its_first_pass_leaves_unflagged():
+    # 20 generations where the cat failed outright (low peak ratios), 80 where it is drawn: one pass over every
+    # concept spends its budget inside the failures; the second pass fits over what the first left unflagged
+    failed, drawn = np.linspace(0.0, 0.1, 20), np.linspace(0.4, 1.0, 80)
+    gens = _records(np.concatenate([failed, drawn]))
+    one, q1, a1 = fit_thresholds(gens, 0.05, 0.5)
+    th, q, achieved = self_fit_thresholds(gens, 0.05, 0.5)
+    first = achieved["first_pass"]
+    assert first["q"] == q1 and first["rate"] == a1["rate"] and first["generations"] == 100
+    unflagged = [g for g in range(100) if not flags_from_records(gens[g], one)]
+    assert first["presumed_failures"] == 100 - len(unflagged) > 0
+    keep = set(unflagged)
+    assert th == thresholds_at(gens, q, 0.5, select=lambda g: range(2) if g in keep else ())
+    assert th.min_peak_ratio > one.min_peak_ratio  # the cut moves out of the failures
+    assert achieved["concepts"] == 2 * len(unflagged) and achieved["rate"] <= 0.05
+    assert achieved["all_concepts_rate"] > achieved["rate"]
+    # a first pass that cannot fit (q = 0: at any q above 0 the tie at 0 is flagged whole, 10 of 80 concepts) is
+    # the answer as it is
+    flat = _records(np.r_[np.zeros(10), np.ones(30)])
+    th0, q0, a0 = self_fit_thresholds(flat, 0.05, 0.5)
+    assert q0 == 0.0 and th0 == fit_thresholds(flat, 0.05, 0.5)[0] and a0["first_pass"]["presumed_failures"] == 0
 
 
 @pytest.mark.slow

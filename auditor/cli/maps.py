@@ -87,7 +87,7 @@ def calibrate_cmd(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Calibration prompts: a .txt (one a line) or a suite (.yaml or shipped name); default: general prompts (a bundled model: its world's)."),
     budget: int = typer.Option(512, "--budget", help="At most this many prompts per head ranking; each stops earlier once its top heads agree between n/2 and n."),
     threshold_prompts: int = typer.Option(200, "--threshold-prompts", help="Images generated to set the diagnostic thresholds on (0: an uncalibrated profile, no flags)."),
-    flag_budget: float = typer.Option(0.10, "--flag-budget", help="The largest share of the threshold prompts' concepts the thresholds may flag."),
+    flag_budget: float = typer.Option(0.05, "--flag-budget", help="The largest share of the presumed-healthy concepts of the threshold prompts' generations the thresholds may flag (a first pass at this budget presumes the generations it flags failures; default: the false-flag target of the bundled models' oracle tuning)."),
     max_flag_rate: float = typer.Option(0.5, "--max-flag-rate", help="A concept fails its prompt when flagged in more than this share of its seeds."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps per prompt."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale of the calibration images."),
@@ -184,8 +184,10 @@ def _print_calibration(prof, saved, source: str, threshold_prompts: int, flag_bu
                + ", ".join(f"{c} {k_}" for c, k_ in prof.k_per_category().items()))
     if prof.calibrated:
         a = prof.provenance["thresholds"]["achieved"]
-        typer.echo(f"thresholds: set on {threshold_prompts} generations, {a['rate']:.1%} of their concepts "
-                   f"flagged (budget {flag_budget:.0%})")
+        first = a.get("first_pass", {})
+        typer.echo(f"thresholds: set on {threshold_prompts} generations; {first.get('presumed_failures', 0)} presumed "
+                   f"failures (flagged by a first pass); {a['rate']:.1%} of the other generations' concepts flagged "
+                   f"(budget {flag_budget:.0%}), {a.get('all_concepts_rate', a['rate']):.1%} of all")
     else:
         typer.echo("thresholds: none (uncalibrated: audits will map and score, and flag nothing)")
 
