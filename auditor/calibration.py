@@ -9,7 +9,8 @@
    generations of the threshold prompts are scored with the new ranking, and the quantile rule runs twice. Each
    score's cut sits at the same quantile ``q`` of its distribution over the concepts its rule judges, ``q`` the
    largest for which at most ``flag_budget`` of those concepts get any flag. The first pass, over every concept,
-   marks the generations it flags as presumed failures; the second takes its quantiles and its budget over the
+   marks the generations it flags as presumed failures (where no q above 0 keeps within the budget, those its
+   smallest q flags: scores tied at a bad extreme); the second takes its quantiles and its budget over the
    concepts of the other generations, the presumed healthy ones. That is the oracle tuning's recipe (quantiles
    over the generations drawn as asked) with the first pass standing in for the oracle: a model's outright
    failures would otherwise sit in the quantiles and pull every cut towards them. The budget is therefore a
@@ -110,6 +111,7 @@ def flag_rate(generations: Sequence[Sequence[dict]], th: Thresholds,
 
 
 _SAME = object()
+_SMALLEST_Q = 1e-9  # above 0: flags minority ties at a bad extreme and each score's single most extreme other value
 
 
 def fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, max_flag_rate: float,
@@ -162,17 +164,22 @@ def self_fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, ma
         (thresholds, q, achieved): the second pass's thresholds and q; ``achieved`` holds its flag rate over the
         presumed-healthy concepts ("flagged", "concepts", "rate", "by_type"), the rate over every concept
         ("all_concepts_rate") and the first pass ("first_pass": q, rate, generations presumed failures).
-        Where the first pass finds q = 0 or leaves no generation unflagged, its result is returned as is.
+        Where the first pass finds q = 0, the generations its smallest quantile above 0 flags (scores tied at a
+        bad extreme, and each score's most extreme other value) are the presumed failures. Where no generation is presumed a failure, or every one is, the first
+        pass's result is returned as is.
 
     Example:
         >>> th, q, achieved = self_fit_thresholds(records, 0.05, 0.5)  # doctest: +SKIP
         >>> achieved["first_pass"]["presumed_failures"], achieved["all_concepts_rate"]  # doctest: +SKIP
     """
     first, q1, a1 = fit_thresholds(generations, budget, max_flag_rate)
-    healthy = {g for g, recs in enumerate(generations) if not flags_from_records(list(recs), first)}
+    # Where even the smallest quantile flags more than the budget, it is the outright failures that do (a minority
+    # tied at a score's bad extreme, flagged whole by ``_cut``): they are presumed failures all the same.
+    presume = first if q1 > 0.0 else thresholds_at(generations, _SMALLEST_Q, max_flag_rate)
+    healthy = {g for g, recs in enumerate(generations) if not flags_from_records(list(recs), presume)}
     passes = {"first_pass": {"q": q1, "rate": a1["rate"], "presumed_failures": len(generations) - len(healthy),
                              "generations": len(generations)}}
-    if q1 <= 0.0 or not any(len(generations[g]) for g in healthy):
+    if not any(len(generations[g]) for g in healthy) or len(healthy) == len(generations):
         return first, q1, {**a1, "all_concepts_rate": a1["rate"], **passes}
     th, q, achieved = fit_thresholds(generations, budget, max_flag_rate,
                                      lambda g: range(len(generations[g])) if g in healthy else ())

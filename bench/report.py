@@ -810,8 +810,10 @@ def selfcal_section(r: dict) -> str:
     L += ["`auditor calibrate` sets thresholds from a model's own generations with the quantile rule of the oracle "
           "tuning, the flag budget its only input, in two passes (`auditor.calibration.self_fit_thresholds`): the "
           "first, over every concept of the calibration generations, marks the generations it flags as presumed "
-          "failures; the second takes its quantiles and its budget over the concepts of the other generations, as "
-          "the oracle tuning does over the generations the oracle confirms drawn as asked. The one-pass rule (the "
+          "failures (where no quantile keeps the first pass within the budget: the generations its smallest "
+          "quantile flags); the second takes its quantiles and its budget over the concepts of the other "
+          "generations, as the oracle tuning does over the generations the oracle confirms drawn as asked. The "
+          "one-pass rule (the "
           "quantiles over every concept; what calibrate did until 2026-12-03) is measured beside it. Both on "
           "shapes-v1's 400 TUNING generations (as the oracle tuning, same maps), judged on HEALTHY-EVAL (v1) and "
           "the DEFECT-EVAL of shapes-v2 like the shipped thresholds. Precision / recall by the oracle.", "",

@@ -113,11 +113,17 @@ def test_self_calibration_fits_its_second_pass_over_the_generations_its_first_pa
     assert th.min_peak_ratio > one.min_peak_ratio  # the cut moves out of the failures
     assert achieved["concepts"] == 2 * len(unflagged) and achieved["rate"] <= 0.05
     assert achieved["all_concepts_rate"] > achieved["rate"]
-    # a first pass that cannot fit (q = 0: at any q above 0 the tie at 0 is flagged whole, 10 of 80 concepts) is
-    # the answer as it is
-    flat = _records(np.r_[np.zeros(10), np.ones(30)])
-    th0, q0, a0 = self_fit_thresholds(flat, 0.05, 0.5)
-    assert q0 == 0.0 and th0 == fit_thresholds(flat, 0.05, 0.5)[0] and a0["first_pass"]["presumed_failures"] == 0
+    # a first pass that cannot fit (q = 0: at any q above 0 the tie at 0 is flagged whole, 10 of 80 concepts):
+    # what its smallest quantile flags (the tie and the lowest of the rest) is presumed failed, and the second pass
+    # fits over the other generations
+    tied = _records(np.r_[np.zeros(10), np.linspace(0.4, 1.0, 30)])
+    assert fit_thresholds(tied, 0.05, 0.5)[1] == 0.0
+    th0, q0, a0 = self_fit_thresholds(tied, 0.05, 0.5)
+    assert a0["first_pass"]["q"] == 0.0 and a0["first_pass"]["presumed_failures"] == 11
+    assert q0 > 0.0 and a0["concepts"] == 58 and a0["rate"] <= 0.05 and th0.min_peak_ratio > 0.4
+    # nothing to presume failed (no tie, nothing flagged at q = 0): the first pass is the answer
+    flat = _records(np.ones(40))
+    assert self_fit_thresholds(flat, 0.05, 0.5)[0] == fit_thresholds(flat, 0.05, 0.5)[0]
 
 
 @pytest.mark.slow
