@@ -163,10 +163,11 @@ def self_fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, ma
     Returns:
         (thresholds, q, achieved): the second pass's thresholds and q; ``achieved`` holds its flag rate over the
         presumed-healthy concepts ("flagged", "concepts", "rate", "by_type"), the rate over every concept
-        ("all_concepts_rate") and the first pass ("first_pass": q, rate, generations presumed failures).
-        Where the first pass finds q = 0, the generations its smallest quantile above 0 flags (scores tied at a
-        bad extreme, and each score's most extreme other value) are the presumed failures. Where no generation is presumed a failure, or every one is, the first
-        pass's result is returned as is.
+        ("all_concepts_rate"), the first pass ("first_pass": q, rate, generations presumed failures) and which
+        pass the thresholds are ("pass": 1 or 2). Where the first pass finds q = 0, the generations its smallest
+        quantile above 0 flags (scores tied at a bad extreme, and each score's most extreme other value) are the
+        presumed failures. Where no generation is presumed a failure, or every one is, the first pass's result
+        is returned as is.
 
     Example:
         >>> th, q, achieved = self_fit_thresholds(records, 0.05, 0.5)  # doctest: +SKIP
@@ -180,11 +181,11 @@ def self_fit_thresholds(generations: Sequence[Sequence[dict]], budget: float, ma
     passes = {"first_pass": {"q": q1, "rate": a1["rate"], "presumed_failures": len(generations) - len(healthy),
                              "generations": len(generations)}}
     if not any(len(generations[g]) for g in healthy) or len(healthy) == len(generations):
-        return first, q1, {**a1, "all_concepts_rate": a1["rate"], **passes}
+        return first, q1, {**a1, "all_concepts_rate": a1["rate"], **passes, "pass": 1}
     th, q, achieved = fit_thresholds(generations, budget, max_flag_rate,
                                      lambda g: range(len(generations[g])) if g in healthy else ())
     k, n, _ = flag_rate(generations, th)
-    return th, q, {**achieved, "all_concepts_rate": k / n, **passes}
+    return th, q, {**achieved, "all_concepts_rate": k / n, **passes, "pass": 2}
 
 
 def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget: int, threshold_prompts: int,
@@ -249,8 +250,7 @@ def calibrate_profile(lm, prompts: Sequence[str], prompt_source: str, *, budget:
                                                      flag_budget, max_flag_rate, steps, guidance, seed, progress,
                                                      executor)
         if q <= 0.0:  # every informative cut flagged more than the budget: thresholds at the extremes cannot fail
-            over = ("concepts" if achieved["first_pass"]["q"] <= 0.0 else
-                    "presumed-healthy concepts (the second pass)")
+            over = "concepts" if achieved["pass"] == 1 else "presumed-healthy concepts (the second pass)"
             prof.provenance["thresholds"] = (
                 f"none: uncalibrated. At every quantile q above 0 the thresholds flagged more than {flag_budget:.0%} "
                 f"of the {threshold_prompts} threshold generations' {over}, so they would sit at the scores' "

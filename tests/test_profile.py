@@ -105,7 +105,7 @@ def test_self_calibration_fits_its_second_pass_over_the_generations_its_first_pa
     one, q1, a1 = fit_thresholds(gens, 0.05, 0.5)
     th, q, achieved = self_fit_thresholds(gens, 0.05, 0.5)
     first = achieved["first_pass"]
-    assert first["q"] == q1 and first["rate"] == a1["rate"] and first["generations"] == 100
+    assert first["q"] == q1 and first["rate"] == a1["rate"] and first["generations"] == 100 and achieved["pass"] == 2
     unflagged = [g for g in range(100) if not flags_from_records(gens[g], one)]
     assert first["presumed_failures"] == 100 - len(unflagged) > 0
     keep = set(unflagged)
@@ -123,7 +123,8 @@ def test_self_calibration_fits_its_second_pass_over_the_generations_its_first_pa
     assert q0 > 0.0 and a0["concepts"] == 58 and a0["rate"] <= 0.05 and th0.min_peak_ratio > 0.4
     # nothing to presume failed (no tie, nothing flagged at q = 0): the first pass is the answer
     flat = _records(np.ones(40))
-    assert self_fit_thresholds(flat, 0.05, 0.5)[0] == fit_thresholds(flat, 0.05, 0.5)[0]
+    th1, _, a1 = self_fit_thresholds(flat, 0.05, 0.5)
+    assert th1 == fit_thresholds(flat, 0.05, 0.5)[0] and a1["pass"] == 1
 
 
 @pytest.mark.slow
