@@ -610,8 +610,38 @@ def selfcal(args) -> None:
         print(f"budget {b}: q {res['budgets'][str(b)]['q']:.4f}, v1 healthy "
               f"{res['budgets'][str(b)]['v1_healthy_flag_rate']['rate']} (one pass "
               f"{res['one_pass_budgets'][str(b)]['v1_healthy_flag_rate']['rate']})", flush=True)
+    if args.profile:
+        res["calibrate_profile"] = judged_end_to_end(args, lm, lm2, exclude, v1_set, v2_set)
     _merge_results({"self_calibration": res})
     print(json.dumps(res, indent=1))
+
+
+def judged_end_to_end(args, lm, lm2, exclude: set, v1_set: list, v2_set: list) -> dict:
+    """A profile ``auditor calibrate --model shapes-v1`` wrote (its own relevance, ranking, k and self-set
+    thresholds: the user's path) judged like the shipped one; shapes-v2 judged by its ranking, k and thresholds,
+    as the shipped v2 profile carries v1's (v2's own relevance matrix kept, as shipped)."""
+    from auditor.profile import AuditProfile, profile_for
+
+    prof = profile_for(lm, args.profile)
+    if prof.thresholds is None:
+        sys.exit(f"{args.profile} is uncalibrated: nothing to judge")
+    v2 = profile_for(lm2)
+    v2 = AuditProfile(v2.model_fingerprint, v2.relevance, prof.ranking, prof.maps_ranking, v2.response_k,
+                      prof.thresholds, provenance={**v2.provenance, "ranking": "from " + str(args.profile),
+                                                   "thresholds": "from " + str(args.profile)})
+    tag = "calibrate-" + prof.sha256[:8]
+    g1 = generate(lm, prof, v1_set, tag + "-v1eval")
+    g2 = generate(lm2, v2, v2_set, tag + "-v2eval")
+    th, th2 = prof.judging_thresholds(), v2.judging_thresholds()
+    d = defect_scores(g2, th2)
+    d["green_misbound_per_prompt"] = prompt_level_scores(g2, th2)
+    made = prof.provenance.get("thresholds", {})
+    return {"profile": shown(Path(args.profile)), "profile_sha256": prof.sha256, "k_per_category": prof.k_per_category(),
+            "thresholds": th.to_json(), "threshold_provenance": made,
+            "ranking_prompts": prof.ranking.budget_prompts, "relevance_prompts": prof.relevance.budget_prompts,
+            "ranking_converged": prof.ranking.converged, "relevance_converged": prof.relevance.converged,
+            "v1_healthy_flag_rate": false_flag_rate(g1, th), "v1_all_flag_rate": false_flag_rate(g1, th, False),
+            "v2_defects": {n: {"precision": v["precision"], "recall": v["recall"]} for n, v in d.items()}}
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -789,6 +819,9 @@ def main() -> None:
     c.add_argument("--per-defect", type=int, default=80)
     c.add_argument("--controls", type=int, default=30)
     c.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2])
+    c.add_argument("--profile", default=None,
+                   help="also judge a profile `auditor calibrate --model shapes-v1 --out FILE` wrote, end to end "
+                        "(its own ranking, k and thresholds; new generations with its maps)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
