@@ -29,6 +29,7 @@ class ModelSource:
     lexicon: Callable[[], dict[str, list[str]]]  # the words its models learned, by lexicon category
     prompts: Callable[[int, int], list[str]]  # (n, seed) -> n calibration prompts of its world
     prompt_source: Callable[[int, int], str]  # (n, seed) -> where those prompts came from, for the record
+    guidance: float | None = None  # the guidance scale its models generate at (their suites, shipped profiles)
 
 
 _SOURCES: dict[str, ModelSource] = {}

@@ -24,7 +24,9 @@ if str(ROOT) not in sys.path:
 
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "work_bench"  # captured maps, re-analysable without regenerating (git-ignored)
-STEPS, GUIDANCE, SIDE = 20, 5.0, 64  # the shapes-world defaults (prompt_suites/shapes-default.yaml)
+from auditor.zoo import GUIDANCE, STEPS  # noqa: E402,F401  (the shapes world's generation settings)
+
+SIDE = 64  # the shapes-world image side (prompt_suites/shapes-default.yaml)
 
 
 class Log:

@@ -75,11 +75,12 @@ sys.path.insert(0, str(ROOT))
 
 from auditor.summary import wilson  # noqa: E402
 from auditor.zoo.grammar import sample  # noqa: E402
+from auditor.zoo import GUIDANCE, STEPS  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
 
 DEFAULT_MODEL = "shapes-v1"  # the healthy model; another (shapes-dit, a folder) gets its own caches and results
 TUNE_SEED, V1_EVAL_SEED, V2_EVAL_SEED = 1001, 2002, 3003
-STEPS, GUIDANCE, RESOLUTION = 20, 5.0, (64, 64)  # the default suite's settings
+RESOLUTION = (64, 64)  # the default suite's (its steps and guidance: auditor.zoo's STEPS, GUIDANCE)
 CACHE = ROOT / "work_diag"
 TARGET_RATE = 0.05
 MAX_FLAG_RATE = 0.5  # the across-seeds rule the bundled profiles record

@@ -33,11 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from auditor.summary import wilson  # noqa: E402
-from auditor.zoo import MODELS_DIR  # noqa: E402
+from auditor.zoo import GUIDANCE, MODELS_DIR, STEPS  # noqa: E402
 from auditor.zoo.grammar import DEFECTS, defects_for, sample  # noqa: E402
 from auditor.zoo.oracle import find, wanted_from_sample  # noqa: E402
 
-STEPS, GUIDANCE = 20, 5.0
 
 
 def load(path: Path):

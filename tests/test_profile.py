@@ -127,6 +127,20 @@ def test_self_calibration_fits_its_second_pass_over_the_generations_its_first_pa
     assert th1 == fit_thresholds(flat, 0.05, 0.5)[0] and a1["pass"] == 1
 
 
+def test_a_bundled_model_is_calibrated_at_the_guidance_its_audits_use(cli, tmp_path):
+    from auditor.zoo import GUIDANCE
+
+    args = ("calibrate", "--model", "shapes-v1", "--budget", "1", "--steps", "1", "--threshold-prompts", "0",
+            "--json", "--out")
+    code, out, err = cli(*args, str(tmp_path / "a.json"))
+    assert code == 0, err
+    prov = json.loads(out)["provenance"]
+    assert prov["relevance"]["guidance"] == prov["ranking"]["guidance"] == GUIDANCE == 5.0
+    code, out, err = cli(*args, str(tmp_path / "b.json"), "--guidance", "3")
+    assert code == 0, err
+    assert json.loads(out)["provenance"]["ranking"]["guidance"] == 3.0
+
+
 @pytest.mark.slow
 def test_calibrate_writes_a_complete_profile_and_an_audit_uses_it(model_copy, tmp_path, cli):
     prompts = tmp_path / "p.txt"
@@ -139,6 +153,7 @@ def test_calibrate_writes_a_complete_profile_and_an_audit_uses_it(model_copy, tm
     assert summary["calibrated"] and summary["maps_ranking"] == "localisation"
     prov = summary["provenance"]
     assert str(prompts) in prov["ranking"]["prompts"] and prov["thresholds"]["flag_budget"] == 0.9
+    assert prov["ranking"]["guidance"] == prov["thresholds"]["guidance"] == 7.5  # a folder's: the default
     prof = AuditProfile.load(tmp_path / "prof.json")
     assert prof.ranking.budget_prompts == 4 and prof.relevance.budget_prompts == 4
     suite = tmp_path / "s.txt"

@@ -11,6 +11,8 @@ import typer
 from auditor.cli.app import _MODEL_HELP, _VARIANT_HELP, _int_list, _print_json, app
 from auditor.errors import AuditorError
 
+DEFAULT_GUIDANCE = 7.5  # calibrate's, for a model whose source names none (a folder's or a file's)
+
 
 @app.command("maps", short_help="Write each concept's attention map over a generated or given image.")
 def maps_cmd(
@@ -90,7 +92,7 @@ def calibrate_cmd(
     flag_budget: float = typer.Option(0.05, "--flag-budget", help="The largest share of the presumed-healthy concepts of the threshold prompts' generations the thresholds may flag (a first pass at this budget presumes the generations it flags failures; default: the false-flag target of the bundled models' oracle tuning)."),
     max_flag_rate: float = typer.Option(0.5, "--max-flag-rate", help="A concept fails its prompt when flagged in more than this share of its seeds."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps per prompt."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale of the calibration images."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale of the calibration images; default 7.5 (a bundled model: the guidance its world's suites and shipped profile use)."),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[str] = typer.Option(None, "--out", help="Also save the profile here (a .json file)."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | mps | auto"),
@@ -116,7 +118,7 @@ def calibrate_cmd(
     from auditor.run_checks import check_generation_values, check_steps
 
     _check_calibration_values(budget, threshold_prompts, flag_budget, max_flag_rate, out)
-    check_generation_values(steps, seed, guidance, None)
+    check_generation_values(steps, seed, DEFAULT_GUIDANCE if guidance is None else guidance, None)
     execution = ExecutionOptions(executor, 1, ray_address, workers, gpus_per_worker)
     execution.check()
     chosen, source = _calibration_prompts(prompts)
@@ -126,9 +128,13 @@ def calibrate_cmd(
         chosen, source = default_prompts(budget, bundled=lm.source == "bundled", seed=seed)
     lexicon = None
     if lm.source == "bundled":
-        from auditor.registry import bundled_lexicon as world_lexicon
+        from auditor.registry import bundled_lexicon as world_lexicon, bundled_source
 
         lexicon = world_lexicon()  # only the words the shapes world taught the model
+        if guidance is None:  # calibrate the model as its audits generate
+            guidance = bundled_source().guidance
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, n: int, total: int) -> None:  # one bar a stage, the previous one closed

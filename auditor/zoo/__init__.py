@@ -12,6 +12,8 @@ from auditor import registry
 from auditor.registry import DEFAULT_MODEL  # noqa: F401 (the zoo's own name for it)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+# How the world's models generate: their suites, cards and shipped profiles all use these settings.
+STEPS, GUIDANCE = 20, 5.0
 
 
 @dataclass(frozen=True)
@@ -85,4 +87,4 @@ def calibration_prompt_source(n: int, seed: int = 0) -> str:
 registry.register(registry.ModelSource(
     name="auditor.zoo", models=lambda: {m.name: m.path for m in bundled_models()}, folder=MODELS_DIR,
     owns=re.compile(r"shapes-(v\d+|dit)"), lexicon=lexicon, prompts=calibration_prompts,
-    prompt_source=calibration_prompt_source))
+    prompt_source=calibration_prompt_source, guidance=GUIDANCE))

@@ -32,10 +32,9 @@ from auditor.engine.models import load_model
 from auditor.engine.relevance import RelevanceMatrix
 from auditor.manifest import manifest_base
 from auditor.profile import AuditProfile
-from auditor.zoo import MODELS_DIR
+from auditor.zoo import GUIDANCE, MODELS_DIR, STEPS
 from auditor.zoo.grammar import sample_prompts
 
-STEPS, GUIDANCE = 20, 5.0
 RESPONSE_K = 48
 INHERITS = {"shapes-v2": "shapes-v1"}  # model -> the model whose ranking, k and thresholds judge it
 
