@@ -56,13 +56,14 @@ def check_values(opts: AuditOptions) -> None:
             raise AuditorError(f"--seeds: {seed} is out of range (0 to {MAX_SEED})")
 
 
-def check_generation_values(steps: int, seed: int, guidance: float, k: int | None) -> None:
-    """`maps` and `calibrate`: the generation options' values as given, before the model is loaded."""
+def check_generation_values(steps: int, seed: int, guidance: float | None, k: int | None) -> None:
+    """`maps` and `calibrate`: the generation options' values as given (None: not given), before the model is
+    loaded."""
     if steps < 1:
         raise AuditorError(f"--steps {steps}: must be at least 1")
     if not 0 <= seed <= MAX_SEED:
         raise AuditorError(f"--seed {seed}: out of range (0 to {MAX_SEED})")
-    if not (np.isfinite(guidance) and guidance >= 0):
+    if guidance is not None and not (np.isfinite(guidance) and guidance >= 0):
         raise AuditorError(f"--guidance {guidance}: must be a finite number >= 0")
     if k is not None and k < 1:
         raise AuditorError(f"--k {k}: must be at least 1 head")

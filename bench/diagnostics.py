@@ -580,7 +580,7 @@ def selfcal(args) -> None:
     """Thresholds without the oracle, at flag budgets, each judged like the shipped ones: what ``auditor
     calibrate`` does on a model's own generations (``self_fit_thresholds``: two passes, the second over the
     generations the first leaves unflagged), and the quantile rule in one pass over every concept beside it."""
-    from auditor.calibration import fit_thresholds, self_fit_thresholds
+    from auditor.calibration import self_fit_thresholds, thresholds_at
 
     exclude = suite_prompts()
     tuning = grammar_set(TUNE_SEED, args.tune_n, exclude)
@@ -604,32 +604,35 @@ def selfcal(args) -> None:
     res = {"oracle": judged(profile.thresholds), "budgets": {}, "one_pass_budgets": {}}
     for b in args.budgets:
         th, q, achieved = self_fit_thresholds(records, b, MAX_FLAG_RATE)
+        first = achieved["first_pass"]
         res["budgets"][str(b)] = {"q": q, "tuning_all_flag_rate": achieved["all_concepts_rate"],
-                                  "first_pass": achieved["first_pass"], **judged(th)}
-        th, q, achieved = fit_thresholds(records, b, MAX_FLAG_RATE)
-        res["one_pass_budgets"][str(b)] = {"q": q, "tuning_all_flag_rate": achieved["rate"], **judged(th)}
+                                  "first_pass": first, **judged(th)}
+        # the one-pass rule is the first pass itself: its thresholds are the quantiles at its q
+        res["one_pass_budgets"][str(b)] = {"q": first["q"], "tuning_all_flag_rate": first["rate"],
+                                           **judged(thresholds_at(records, first["q"], MAX_FLAG_RATE))}
         print(f"budget {b}: q {res['budgets'][str(b)]['q']:.4f}, v1 healthy "
               f"{res['budgets'][str(b)]['v1_healthy_flag_rate']['rate']} (one pass "
               f"{res['one_pass_budgets'][str(b)]['v1_healthy_flag_rate']['rate']})", flush=True)
     if args.profile:
-        res["calibrate_profile"] = judged_end_to_end(args, lm, lm2, exclude, v1_set, v2_set)
+        res["calibrate_profile"] = judged_end_to_end(args, lm, lm2, v1_set, v2_set)
     _merge_results({"self_calibration": res})
     print(json.dumps(res, indent=1))
 
 
-def judged_end_to_end(args, lm, lm2, exclude: set, v1_set: list, v2_set: list) -> dict:
+def judged_end_to_end(args, lm, lm2, v1_set: list, v2_set: list) -> dict:
     """A profile ``auditor calibrate --model shapes-v1`` wrote (its own relevance, ranking, k and self-set
     thresholds: the user's path) judged like the shipped one; shapes-v2 judged by its ranking, k and thresholds,
     as the shipped v2 profile carries v1's (v2's own relevance matrix kept, as shipped)."""
-    from auditor.profile import AuditProfile, profile_for
+    from dataclasses import replace
+
+    from auditor.profile import profile_for
 
     prof = profile_for(lm, args.profile)
     if prof.thresholds is None:
         sys.exit(f"{args.profile} is uncalibrated: nothing to judge")
     v2 = profile_for(lm2)
-    v2 = AuditProfile(v2.model_fingerprint, v2.relevance, prof.ranking, prof.maps_ranking, v2.response_k,
-                      prof.thresholds, provenance={**v2.provenance, "ranking": "from " + str(args.profile),
-                                                   "thresholds": "from " + str(args.profile)})
+    v2 = replace(v2, ranking=prof.ranking, maps_ranking=prof.maps_ranking, thresholds=prof.thresholds,
+                 provenance={**v2.provenance, "ranking": f"from {args.profile}", "thresholds": f"from {args.profile}"})
     tag = "calibrate-" + prof.sha256[:8]
     g1 = generate(lm, prof, v1_set, tag + "-v1eval")
     g2 = generate(lm2, v2, v2_set, tag + "-v2eval")

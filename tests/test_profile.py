@@ -141,6 +141,17 @@ def test_a_bundled_model_is_calibrated_at_the_guidance_its_audits_use(cli, tmp_p
     assert json.loads(out)["provenance"]["ranking"]["guidance"] == 3.0
 
 
+def test_maps_and_calibrate_generate_a_bundled_model_at_its_own_guidance():
+    from types import SimpleNamespace
+
+    from auditor.cli.maps import DEFAULT_GUIDANCE, _guidance_for
+    from auditor.zoo import GUIDANCE
+
+    assert _guidance_for(SimpleNamespace(source="bundled"), None) == GUIDANCE
+    assert _guidance_for(SimpleNamespace(source="local"), None) == DEFAULT_GUIDANCE
+    assert _guidance_for(SimpleNamespace(source="bundled"), 0.0) == 0.0  # a given value, even 0, is kept
+
+
 @pytest.mark.slow
 def test_calibrate_writes_a_complete_profile_and_an_audit_uses_it(model_copy, tmp_path, cli):
     prompts = tmp_path / "p.txt"

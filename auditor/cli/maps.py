@@ -11,7 +11,20 @@ import typer
 from auditor.cli.app import _MODEL_HELP, _VARIANT_HELP, _int_list, _print_json, app
 from auditor.errors import AuditorError
 
-DEFAULT_GUIDANCE = 7.5  # calibrate's, for a model whose source names none (a folder's or a file's)
+DEFAULT_GUIDANCE = 7.5  # for a model whose source names none (a folder's or a file's)
+
+
+def _guidance_for(lm, given: float | None) -> float:
+    """The guidance to generate with: ``--guidance`` when given; else a bundled model's own (the guidance its
+    world's suites and shipped profile use), else ``DEFAULT_GUIDANCE``."""
+    if given is not None:
+        return given
+    if lm.source == "bundled":
+        from auditor.registry import bundled_source
+
+        if bundled_source().guidance is not None:
+            return bundled_source().guidance
+    return DEFAULT_GUIDANCE
 
 
 @app.command("maps", short_help="Write each concept's attention map over a generated or given image.")
@@ -27,7 +40,7 @@ def maps_cmd(
     model: str = typer.Option("shapes-v1", "--model", help=_MODEL_HELP),
     seed: int = typer.Option(0, "--seed", help="Seeds the generation, or with --image the noise."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance scale; default 7.5 (a bundled model: the guidance its world's suites use)."),
     out: str = typer.Option("reports/maps", "--out", help="Folder for image.png and the overlays."),
     relevance: Optional[str] = typer.Option(None, "--relevance", help="A relevance matrix (.npz) to use instead of the profile's."),
     profile: Optional[str] = typer.Option(None, "--profile", help="An audit profile (profile.json) instead of the model's own."),
@@ -70,7 +83,8 @@ def maps_cmd(
     if image is not None:
         result = image_prompt_maps(lm.pipe, image, prompt, concept, methods, k, seed, ts, draws, ranking)
     else:
-        result = prompt_maps(lm.pipe, prompt, concept, methods, k, seed, steps, guidance, ranking, height, width)
+        result = prompt_maps(lm.pipe, prompt, concept, methods, k, seed, steps, _guidance_for(lm, guidance), ranking,
+                             height, width)
     record = {"model": lm.to_json(), **save_prompt_maps(result, out)}
     if as_json:
         _print_json(record)
@@ -118,7 +132,7 @@ def calibrate_cmd(
     from auditor.run_checks import check_generation_values, check_steps
 
     _check_calibration_values(budget, threshold_prompts, flag_budget, max_flag_rate, out)
-    check_generation_values(steps, seed, DEFAULT_GUIDANCE if guidance is None else guidance, None)
+    check_generation_values(steps, seed, guidance, None)
     execution = ExecutionOptions(executor, 1, ray_address, workers, gpus_per_worker)
     execution.check()
     chosen, source = _calibration_prompts(prompts)
@@ -128,13 +142,10 @@ def calibrate_cmd(
         chosen, source = default_prompts(budget, bundled=lm.source == "bundled", seed=seed)
     lexicon = None
     if lm.source == "bundled":
-        from auditor.registry import bundled_lexicon as world_lexicon, bundled_source
+        from auditor.registry import bundled_lexicon as world_lexicon
 
         lexicon = world_lexicon()  # only the words the shapes world taught the model
-        if guidance is None:  # calibrate the model as its audits generate
-            guidance = bundled_source().guidance
-    if guidance is None:
-        guidance = DEFAULT_GUIDANCE
+    guidance = _guidance_for(lm, guidance)  # calibrate the model as its audits generate
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, n: int, total: int) -> None:  # one bar a stage, the previous one closed
@@ -190,10 +201,9 @@ def _print_calibration(prof, saved, source: str, threshold_prompts: int, flag_bu
                + ", ".join(f"{c} {k_}" for c, k_ in prof.k_per_category().items()))
     if prof.calibrated:
         a = prof.provenance["thresholds"]["achieved"]
-        first = a.get("first_pass", {})
-        typer.echo(f"thresholds: set on {threshold_prompts} generations; {first.get('presumed_failures', 0)} presumed "
-                   f"failures (flagged by a first pass); {a['rate']:.1%} of the other generations' concepts flagged "
-                   f"(budget {flag_budget:.0%}), {a.get('all_concepts_rate', a['rate']):.1%} of all")
+        typer.echo(f"thresholds: set on {threshold_prompts} generations; {a['first_pass']['presumed_failures']} "
+                   f"presumed failures (flagged by a first pass); {a['rate']:.1%} of the other generations' concepts "
+                   f"flagged (budget {flag_budget:.0%}), {a['all_concepts_rate']:.1%} of all")
     else:
         typer.echo("thresholds: none (uncalibrated: audits will map and score, and flag nothing)")
 
