@@ -9,7 +9,8 @@ import torch
 import tiny_pipelines as tp
 from tiny_pipelines import one_thread  # noqa: F401  (autouse fixture)
 from auditor import trace
-from auditor.engine.capture import attend, layer_grid
+from auditor.engine.capture import layer_grid
+from auditor.engine.capture_cross import attend
 from auditor.engine.heads import HeadIndex, cross_attention_modules
 from auditor.errors import AuditorError
 
@@ -237,7 +238,7 @@ def _attention(query_dim, **kw):
 def test_output_matches_stock_processor(kw, four_d, block, first_recorded, split, monkeypatch):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from auditor.engine import capture
+    from auditor.engine import capture_cross as capture
 
     if block:
         monkeypatch.setattr(capture, "block_rows", lambda *a: block)
@@ -266,7 +267,7 @@ def test_output_matches_stock_processor(kw, four_d, block, first_recorded, split
 
 
 def test_query_blocks_and_split_batch_give_the_same_probabilities_and_images(monkeypatch):
-    from auditor.engine import capture
+    from auditor.engine import capture_cross as capture
 
     pipe = tp.sd15()
     whole = tp.generate(pipe, seed=5, guidance_scale=3.0, negative_prompt="grey")

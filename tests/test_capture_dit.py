@@ -93,10 +93,21 @@ def _traced_with_reference(pipe, **kw):
 
 
 @pytest.mark.parametrize("family, kernel", [("pixart", None)] + [(f, k) for f in FAMILIES[1:]
-                                                                for k in ("flash", "explicit")])
+                                                                for k in ("flash", "flash-at-once", "flash-bounded",
+                                                                          "explicit")])
 def test_probabilities_equal_explicit_reference(family, kernel, monkeypatch):
     """Joint attention's recorded rows come from CPU flash attention's log-sum-exp where SDPA runs that kernel,
-    else from explicit scores: both paths against the reference."""
+    else from explicit scores: every path against the reference. Small calls wait and are scored together
+    ("flash"); "flash-at-once" scores each call as it runs, as a large layer's are; "flash-bounded" lets no more
+    than one call wait (the bound on what waiting calls hold), so they are scored a few at a time."""
+    if kernel == "flash-at-once":
+        monkeypatch.setattr(capture_dit, "DEFER_CALL_BYTES", 0)
+    flushed = []
+    if kernel == "flash-bounded":
+        monkeypatch.setattr(capture_dit, "DEFER_TOTAL_BYTES", 1)
+        flush = capture_dit.PendingCalls.flush
+        monkeypatch.setattr(capture_dit.PendingCalls, "flush",
+                            lambda self, tap: flushed.append(len(self.groups)) or flush(self, tap))
     fused = capture_dit._sdpa_with_lse
     used = []
 
@@ -107,7 +118,10 @@ def test_probabilities_equal_explicit_reference(family, kernel, monkeypatch):
 
     monkeypatch.setattr(capture_dit, "_sdpa_with_lse", spy)
     tr, ref, images = _traced_with_reference(td.shared(family), prompt=["a red cat", "a blue car"])
-    assert kernel is None or (used and all(used) == (kernel == "flash"))
+    assert kernel is None or (used and all(used) == kernel.startswith("flash"))
+    assert (tr.pending is not None) == (kernel in ("flash", "flash-bounded"))  # tiny calls wait unless told not to
+    if kernel == "flash-bounded":  # every call scored as soon as it was kept: during the generation, not after it
+        assert len(flushed) == 2 * len(ref) and set(flushed) == {1}
     assert set(tr.buffers) == set(ref) and tr.n_items == 2 == len(images)
     for name, r in ref.items():
         torch.testing.assert_close(tr.buffers[name], r, atol=1e-5, rtol=1e-4)
@@ -226,15 +240,13 @@ def test_prompt_columns_keep_the_prompts_tokens_and_compute_only_them(family, mo
     with trace(pipe) as full:
         td.generate(pipe, prompt=prompts, seed=5)
     widths = []
-    record = capture_dit._record_from_lse
+    score = capture_dit.text_probs
 
-    def spy(tap, seen, *a):
-        def watch(qb, probs, rows, n, total=None):  # total given: the probs hold the kept columns alone
-            widths.append((int(probs.shape[-1]), total))
-            return seen(qb, probs, rows, n, total)
-        return record(tap, watch, *a)
+    def spy(q, kt, lse, scale):  # the keys scored: the kept columns alone
+        widths.append(int(kt.shape[-1]))
+        return score(q, kt, lse, scale)
 
-    monkeypatch.setattr(capture_dit, "_record_from_lse", spy)
+    monkeypatch.setattr(capture_dit, "text_probs", spy)
     with trace(pipe, tokens="prompt") as kept:
         td.generate(pipe, prompt=prompts, seed=5)
     padding = set(full.special_tokens(1)["padding"])
@@ -246,6 +258,6 @@ def test_prompt_columns_keep_the_prompts_tokens_and_compute_only_them(family, mo
         np.testing.assert_allclose(kept.maps(word, method="all_heads", prompt_index=item),
                                    full.maps(word, method="all_heads", prompt_index=item), atol=1e-6)
     if family != "pixart":  # joint attention: only the kept columns' keys were scored
-        assert widths and set(widths) == {(len(cols), full.seq_len)}
+        assert widths and set(widths) == {len(cols)}
     with pytest.raises(AuditorError, match="not recorded"):
         kept.maps(sorted(padding)[-1:], method="all_heads")

@@ -1,12 +1,13 @@
 """The recorder: per-head cross-attention captured while a diffusers pipeline runs, without changing its output.
 
 It knows nothing of maps (``auditor.engine.trace`` is what a user reads). Tapping a pipeline swaps the processor
-of every attention module that reads the text (a UNet's or PixArt's ``attn2``; SD3's and Flux's joint and
-single-stream attention, whose processors live in ``auditor.engine.capture_dit``) for one that computes the attention
+of every attention module that reads the text (a UNet's or PixArt's ``attn2``, ``auditor.engine.capture_cross``;
+SD3's and Flux's joint and single-stream attention, ``auditor.engine.capture_dit``) for one that computes the attention
 probabilities explicitly, returns exactly what the stock processor returns
 (``probs @ V``, same norms, mask, residual and rescale handling), and adds the probabilities of the conditional
 half of the classifier-free-guidance batch into one running sum per layer, ``[items, heads, h*w, tokens]`` on the
-model's device (an item is one (prompt, image) pair of the call). Memory does not depend on the number of steps.
+model's device (an item is one (prompt, image) pair of the call). Memory does not depend on the number of steps
+(small joint-attention calls whose scoring waits to be batched hold at most ``capture_dit.DEFER_TOTAL_BYTES``).
 Self-attention keeps whatever processor it had. The original processors come back when the block exits, also
 when generation raises.
 
@@ -27,38 +28,12 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
+from auditor.engine.capture_cross import PLAIN_PROCESSORS, Observer, _TapProcessor
 from auditor.engine.heads import HeadIndex, denoiser_of, text_attention_modules
 from auditor.errors import AuditorError
-
-# Processors whose output is plain scaled-dot-product attention, so the explicit computation below reproduces it.
-# Others (IP-Adapter, custom) take extra inputs the capture would silently drop, so tracing refuses them.
-PLAIN_PROCESSORS = frozenset({"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor",
-                              "AttnProcessorNPU", "FusedAttnProcessor2_0", "XLAFlashAttnProcessor2_0",
-                              "AttnProcessorXFormers"})
-
-# observe(query rows [items, heads, r, d], probs rows [items, heads, r, T] or None, rows: slice of the layer's N
-# queries, N[, total: given when the probs hold only the tap's kept columns]), for the recorded items only
-Observer = Callable[..., None]
-
-CPU_BLOCK_BYTES = 2 << 20  # on CPU, scores are computed in query blocks of about this size (see block_rows)
-
-
-def block_rows(device: torch.device, batch: int, heads: int, n: int, tokens: int) -> int:
-    """Queries per block. On CPU, a whole layer's [batch, heads, N, T] scores (10 MB at SD's 64x64 layers) fall out
-    of cache between matmul, softmax and probs @ V; blocks that fit run about twice as fast. GPUs want one block."""
-    if device.type != "cpu":
-        return n
-    return max(64, CPU_BLOCK_BYTES // (4 * batch * heads * tokens))
-
-
-# Below this many score entries in the unrecorded items, computing them explicitly too is cheaper than a separate
-# SDPA call for them (a tiny layer's cost is the number of operations, not arithmetic).
-SPLIT_MIN_SCORES = 1 << 18
 
 
 def take(x: torch.Tensor, runs: tuple[slice, ...], dim: int) -> torch.Tensor:
@@ -66,94 +41,6 @@ def take(x: torch.Tensor, runs: tuple[slice, ...], dim: int) -> torch.Tensor:
     if len(runs) == 1:
         return x.narrow(dim, runs[0].start, runs[0].stop - runs[0].start)
     return torch.cat([x.narrow(dim, r.start, r.stop - r.start) for r in runs], dim)
-
-
-def _explicit(q, k, v, mask, scale: float, observe: Observer | None, first_recorded: int = 0) -> torch.Tensor:
-    """softmax(Q K^T * scale + mask) @ V in query blocks; items from ``first_recorded`` on shown to ``observe``."""
-    # Scores and softmax in float32 whatever the model dtype: the sums we keep must not lose the small
-    # probabilities, and SDPA's fused kernels accumulate in float32 as well. (The scale goes on the T x d keys
-    # rather than the N x T scores: same result, far fewer multiplications.)
-    kt = k.float().transpose(-1, -2) * scale
-    batch, heads, n = q.shape[:3]
-    step = block_rows(q.device, batch, heads, n, kt.shape[-1])
-    outs = []
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        qb = q if step >= n else q[:, :, rows]
-        scores = torch.matmul(qb.float(), kt)
-        if mask is not None:
-            scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
-        probs = scores.softmax(dim=-1)
-        if observe is not None:
-            lo = first_recorded
-            observe(qb[lo:] if lo else qb, probs[lo:] if lo else probs, rows, n)
-        outs.append(torch.matmul(probs.to(v.dtype), v))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
-
-def attend(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-           observe: Observer | None = None, first_recorded: int = 0, need_probs: bool = True) -> torch.Tensor:
-    """The stock attention computation; batch items from ``first_recorded`` on are shown to ``observe``.
-
-    Recorded items get explicit probabilities (computed once, reused for probs @ V) when ``need_probs``; every
-    other item, and every item of an unobserved call, goes through SDPA exactly as the stock processor does."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-    batch, seq_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[:2]
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-    query = attn.to_q(hidden_states)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
-    elif attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
-
-    head_dim = key.shape[-1] // attn.heads
-    q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-
-    def sdpa(sl: slice) -> torch.Tensor:
-        m = None if attention_mask is None else attention_mask[sl]
-        # attn.scale is SDPA's default 1/sqrt(d) unless the module was built with scale_qk=False, whose stock
-        # (non-SDPA) processor uses attn.scale too
-        return F.scaled_dot_product_attention(q[sl], k[sl], v[sl], attn_mask=m, dropout_p=0.0, is_causal=False,
-                                              scale=attn.scale)
-
-    lo = min(max(int(first_recorded), 0), batch)
-    if observe is None or not need_probs:
-        out = sdpa(slice(None))
-        if observe is not None and lo < batch:
-            observe(q[lo:], None, slice(0, q.shape[2]), q.shape[2])
-    elif lo == 0 or lo * attn.heads * q.shape[2] * k.shape[2] < SPLIT_MIN_SCORES:
-        out = _explicit(q, k, v, attention_mask, attn.scale, observe, lo)
-    else:  # unrecorded items (the unconditional half) through SDPA, recorded ones explicitly
-        mask = None if attention_mask is None else attention_mask[lo:]
-        rec = _explicit(q[lo:], k[lo:], v[lo:], mask, attn.scale, observe)
-        out = torch.cat([sdpa(slice(0, lo)), rec.to(q.dtype)], dim=0)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
-    if input_ndim == 4:
-        out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
 
 
 def layer_grid(latent_hw: tuple[int, int], n_pixels: int) -> tuple[int, int]:
@@ -174,6 +61,9 @@ class Tap:
     """
 
     needs_probs = True  # False: the subclass reads only queries, and attention keeps SDPA for every item
+    # True: the subclass only adds up each layer's probabilities over calls, so the recorder may score small calls
+    # later and together (``capture_dit.PendingCalls``) and show it one sum per layer (query None); ``flush`` does
+    sums_only = False
 
     def __init__(self, pipe, window: tuple[float, float] = (0.0, 1.0), free_passes: bool = False):
         a, b = window
@@ -207,6 +97,7 @@ class Tap:
         self.first_cond = 0  # batch index of the first conditional item
         self._column_runs = None  # (kept columns, total, runs): columns_for's last answer
         self._observers: dict[int, Observer] = {}
+        self.pending = None  # calls waiting to be scored (a ``capture_dit.PendingCalls``), for ``sums_only`` taps
 
     # --- hook callbacks ---------------------------------------------------------------------------------------
     def on_generation(self, prompts: list[str] | None, images_per_prompt: int,
@@ -220,6 +111,8 @@ class Tap:
         self.prompts_2 = prompts_2
         self.steps_seen = self.steps_counted = 0
         self.grids = {}
+        if self.pending is not None:  # a generation that did not finish being read: its calls go with it
+            self.pending.clear()
         self.reset()
 
     def on_step(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
@@ -259,11 +152,13 @@ class Tap:
         if not self._counting:
             return None
         if layer_index not in self._observers:  # asked at every layer call: made once per layer
-            self._observers[layer_index] = functools.partial(self._observe, layer_index, attn)
+            self._observers[layer_index] = functools.partial(self.show, layer_index, attn)
         return self._observers[layer_index]
 
-    def _observe(self, layer_index: int, attn, query: torch.Tensor, probs: torch.Tensor | None, rows: slice, n: int,
-                 total: int | None = None) -> None:
+    def show(self, layer_index: int, attn, query: torch.Tensor | None, probs: torch.Tensor | None, rows: slice,
+             n: int, total: int | None = None) -> None:
+        """Hand one block of a layer's recorded items to ``on_attention``, keeping only the tap's columns of
+        ``probs`` unless ``total`` says the recorder kept them already."""
         name = self.head_index.layers[layer_index]
         if name not in self.grids:
             self.grids[name] = layer_grid(self.latent_size, n)
@@ -272,6 +167,12 @@ class Tap:
             if runs is not None:
                 probs = take(probs, runs, -1)
         self.on_attention(layer_index, attn, query, probs, rows, n)
+
+    def flush(self) -> None:
+        """Score the calls still waiting (``sums_only`` taps): whoever reads what ``on_attention`` summed calls
+        this first."""
+        if self.pending is not None and self.pending.groups:
+            self.pending.flush(self)
 
     def columns_for(self, total: int) -> tuple[slice, ...] | None:
         """The text columns this tap keeps of a ``total``-token sequence, as runs of consecutive columns (None: all;
@@ -300,7 +201,7 @@ class Tap:
                      n: int) -> None:
         """One block of a layer call, conditional items only: ``query`` [items, heads, r, d] and ``probs``
         [items, heads, r, T] (None unless ``needs_probs``; T the ``kept_columns``) for the layer's query ``rows``
-        out of ``n``."""
+        out of ``n``. For a ``sums_only`` tap ``probs`` may be several calls' sum, and ``query`` is then None."""
 
     @property
     def image_size(self) -> tuple[int, int] | None:
@@ -314,35 +215,16 @@ class Tap:
         return self.latent_size[0] * f, self.latent_size[1] * f
 
 
-class _TapProcessor:
-    """The attn2 processor installed while tapping: stock output, probabilities shown to the tap."""
-
-    is_tap = True
-
-    def __init__(self, tap: Tap, layer_index: int):
-        self.tap, self.layer_index = tap, layer_index
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        tap = self.tap
-        return attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                      observe=tap.observer(self.layer_index, attn), first_recorded=tap.first_cond,
-                      need_probs=tap.needs_probs)
-
-
 def _as_prompt_list(prompt) -> list[str] | None:
     if prompt is None:
         return None
     return [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
 
 
-@contextlib.contextmanager
-def tapped(tap: Tap):
-    """Install ``tap`` on ``tap.pipe`` for the duration of the block; everything is put back on exit."""
-    from auditor.engine import capture_dit  # it imports this module (its processors reuse _explicit)
-
-    pipe = tap.pipe
-    originals, installs = [], []
+def _tap_processors(tap: Tap, capture_dit) -> list[tuple[object, object, object]]:
+    """(module, its processor, the tap's processor for it) for every module the tap records; an AuditorError for a
+    processor whose computation the capture does not reproduce, or one that is already a tap's."""
+    out = []
     for i, (name, mod) in enumerate(tap.modules):
         proc = mod.processor
         kind = type(proc).__name__
@@ -354,12 +236,22 @@ def tapped(tap: Tap):
                 raise AuditorError(f"cannot trace {name}: its attention processor {kind} is not plain attention "
                                    f"(supported: {', '.join(sorted(PLAIN_PROCESSORS))})")
             make = _TapProcessor
-        originals.append((mod, proc))
-        installs.append((mod, make(tap, i)))
+        out.append((mod, proc, make(tap, i)))
+    return out
+
+
+@contextlib.contextmanager
+def tapped(tap: Tap):
+    """Install ``tap`` on ``tap.pipe`` for the duration of the block; everything is put back on exit."""
+    from auditor.engine import capture_dit  # it imports this module (layer_grid, take)
+
+    pipe = tap.pipe
+    swaps = _tap_processors(tap, capture_dit)
+    memo: dict = {}
 
     def pre_hook(module, args, kwargs):
         if tap.transformer:
-            sample, grid, tap.text_len, t = capture_dit.step_inputs(module, args, kwargs)
+            sample, grid, tap.text_len, t = capture_dit.step_inputs(module, args, kwargs, memo)
             tap.on_step(sample, None, grid, t)
             return
         sample = args[0] if args else kwargs.get("sample")
@@ -370,7 +262,7 @@ def tapped(tap: Tap):
     had_own_encode = "encode_prompt" in vars(pipe)
     handle = None
     try:
-        for mod, proc in installs:
+        for mod, _, proc in swaps:
             mod.set_processor(proc)
         handle = tap.denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True)
         if encode is not None:
@@ -389,7 +281,7 @@ def tapped(tap: Tap):
             pipe.encode_prompt = encode_and_note
         yield tap
     finally:
-        for mod, proc in originals:
+        for mod, proc, _ in swaps:
             mod.set_processor(proc)
         if handle is not None:
             handle.remove()
@@ -398,3 +290,4 @@ def tapped(tap: Tap):
                 pipe.encode_prompt = encode
             else:
                 vars(pipe).pop("encode_prompt", None)
+        tap.flush()  # the calls still waiting hold the model's tensors: scored now, not when first read

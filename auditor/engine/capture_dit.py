@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from auditor.engine.capture import CPU_BLOCK_BYTES, _explicit, block_rows, take
+from auditor.engine.capture import layer_grid, take
+from auditor.engine.capture_cross import CPU_BLOCK_BYTES, _explicit, block_rows
 from auditor.engine.heads import joint_kind
 from auditor.errors import AuditorError
 
@@ -37,11 +38,12 @@ def latent_per_cell(denoiser) -> int:
     return int(getattr(denoiser.config, "patch_size", 1) or 1)
 
 
-def step_inputs(denoiser, args, kwargs):
+def step_inputs(denoiser, args, kwargs, memo: dict | None = None):
     """(image input, patch grid (h, w), text tokens, timestep) of one transformer evaluation, from its inputs.
 
     SD3 and PixArt take the latent [B, C, H, W] (the grid is H, W over the patch size); Flux takes packed tokens
-    [B, N, C] with their positions in ``img_ids`` (row, column), from which the grid is read."""
+    [B, N, C] with their positions in ``img_ids`` (row, column), from which the grid is read. ``memo`` keeps the grid
+    of the last ``img_ids`` seen (a pipeline passes the same tensor at every step)."""
     hs = kwargs.get("hidden_states", args[0] if args else None)
     ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     t = kwargs.get("timestep")
@@ -52,8 +54,14 @@ def step_inputs(denoiser, args, kwargs):
         ids = kwargs.get("img_ids")
         if ids is None:
             raise AuditorError(f"{type(denoiser).__name__} was called without img_ids: the patch grid is unknown")
-        ids = ids[0] if ids.ndim == 3 else ids
-        grid = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+        known = None if memo is None else memo.get("img_ids")
+        if known is not None and known[0] is ids and known[1] == ids._version:
+            grid = known[2]
+        else:
+            rows = ids[0] if ids.ndim == 3 else ids
+            grid = (int(rows[:, 1].max()) + 1, int(rows[:, 2].max()) + 1)
+            if memo is not None:  # the tensor itself is kept, so identity cannot be a freed tensor's reused id
+                memo["img_ids"] = (ids, ids._version, grid)
         if grid[0] * grid[1] != int(hs.shape[1]):
             raise AuditorError(f"img_ids describe a {grid[0]}x{grid[1]} grid, not the {int(hs.shape[1])} image tokens")
     text_len = None if ehs is None else int(ehs.shape[1])
@@ -64,7 +72,7 @@ def step_inputs(denoiser, args, kwargs):
 
 def processor_for(name: str, module, proc):
     """A factory ``(tap, layer_index) -> processor`` for a joint or single-stream module, or None for a plain
-    cross-attention module (recorded by ``capture._TapProcessor``); an AuditorError for a processor whose
+    cross-attention module (recorded by ``capture_cross._TapProcessor``); an AuditorError for a processor whose
     computation the capture does not reproduce."""
     kind = joint_kind(name, module)
     if kind is None:
@@ -121,6 +129,8 @@ def joint_attention(tap, layer_index: int, attn, q, k, v, mask, image: slice, te
     fused = _sdpa_with_lse(q, k, v, mask)
     if fused is not None:
         out, lse = fused
+        if rec_mask is None and tap.sums_only and _defer(tap, layer_index, attn, q, k, lse, rec, image, text, scale):
+            return out
         _record_from_lse(tap, seen, q[rec, :, image], k[rec, :, text], lse[rec, :, image],
                          None if rec_mask is None else rec_mask[..., text], scale)
         return out
@@ -170,16 +180,104 @@ def _record_from_lse(tap, seen, q, k_text, lse, mask, scale: float) -> None:
         mask = None if mask is None else take(mask, runs, -1)
     batch, heads, n = q.shape[:3]
     t = k_text.shape[2]
-    # [items * heads, ...] views (a copy only where the layout needs one): one baddbmm gives q k^T * scale - lse
+    # [items * heads, ...] views (a copy only where the layout needs one)
     kt = k_text.float().reshape(batch * heads, t, -1).transpose(1, 2)
     qf, lse = q.float().reshape(batch * heads, n, -1), lse.float().reshape(batch * heads, n, 1)
     step = n if 4 * batch * heads * n * t <= CPU_BLOCK_BYTES else block_rows(q.device, batch, heads, n, t)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        scores = torch.baddbmm(lse[:, rows], qf[:, rows], kt, beta=-1, alpha=scale).view(batch, heads, -1, t)
-        if mask is not None:
-            scores += (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
-        seen(q[:, :, rows], scores.exp_(), rows, n, total)
+        if mask is None:
+            probs = text_probs(qf[:, rows], kt, lse[:, rows], scale).view(batch, heads, -1, t)
+        else:
+            bias = (mask if mask.shape[2] == 1 else mask[:, :, rows]).float()
+            scores = torch.baddbmm(lse[:, rows], qf[:, rows], kt, beta=-1, alpha=scale).view(batch, heads, -1, t)
+            probs = scores.add_(bias).exp_()
+        seen(q[:, :, rows], probs, rows, n, total)
+
+
+def text_probs(q: torch.Tensor, kt: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    """exp(q k^T * scale - lse): queries' probabilities on some keys, normalised by their log-sum-exp over all keys.
+
+    Args:
+        q: [N, n, d] queries (float32).
+        kt: [N, d, t] the keys kept, transposed.
+        lse: [N, n, 1] each query's log-sum-exp over every key of its softmax.
+        scale: the softmax scale.
+
+    Returns:
+        [N, n, t] probabilities (one ``baddbmm`` and an in-place ``exp``)."""
+    return torch.baddbmm(lse, q, kt, beta=-1, alpha=scale).exp_()
+
+
+# A joint-attention call whose recorded tensors (queries, text keys, log-sum-exps) are smaller than this waits, and a
+# generation's waiting calls are scored together (``PendingCalls``): at such sizes each tensor operation's fixed cost,
+# not its arithmetic, is what recording costs, so one batched product over every call beats one per call.
+DEFER_CALL_BYTES = 1 << 20
+DEFER_TOTAL_BYTES = 64 << 20  # waiting calls are scored at once when the tensors they hold pass this
+
+
+def _defer(tap, layer_index: int, attn, q, k, lse, rec: slice, image: slice, text: slice, scale: float) -> bool:
+    """Hand a small call to the tap's ``PendingCalls`` (True), or leave a large one to be recorded now (False)."""
+    size = (q.numel() + k.numel() + lse.numel()) * q.element_size()
+    if size > DEFER_CALL_BYTES or q.device.type != "cpu":
+        return False
+    name = tap.head_index.layers[layer_index]
+    if name not in tap.grids:  # a layer's first call of the generation
+        # a column past the sequence is refused during the call, as when recording at once
+        tap.columns_for(text.stop - text.start)
+        tap.grids[name] = layer_grid(tap.latent_size, image.stop - image.start)  # this generation's patch grid
+    if tap.pending is None:
+        tap.pending = PendingCalls()
+    tap.pending.add(tap, (q.shape, k.shape, rec.start, image.start, image.stop, text.start, text.stop, scale),
+                    layer_index, attn, q[rec, :, image], k[rec, :, text], lse[rec, :, image], size)
+    return True
+
+
+class PendingCalls:
+    """Joint-attention calls of a tap that only sums probabilities (``Tap.sums_only``), scored later together.
+
+    Each call keeps views of its recorded items' image queries, text keys and log-sum-exps; ``flush`` stacks the calls
+    of one shape, computes every call's probabilities on the kept text columns in one ``text_probs``, sums them per
+    layer and shows each layer's sum to the tap once, as one call would. The sums equal those of recording each call
+    at once (up to float32 rounding of the order of addition)."""
+
+    def __init__(self):
+        self.groups: dict[tuple, list] = {}
+        self.nbytes = 0
+
+    def add(self, tap, key: tuple, layer_index: int, attn, q, k_text, lse, size: int) -> None:
+        """Keep one call (``q`` [items, heads, n, d], ``k_text`` [items, heads, T, d], ``lse`` [items, heads, n])."""
+        self.groups.setdefault(key, []).append((layer_index, attn, q, k_text, lse))
+        self.nbytes += size
+        if self.nbytes > DEFER_TOTAL_BYTES:
+            self.flush(tap)
+
+    def clear(self) -> None:
+        self.groups, self.nbytes = {}, 0
+
+    def flush(self, tap) -> None:
+        """Score every waiting call and show the tap each layer's sum."""
+        groups = self.groups
+        self.clear()
+        for key, calls in groups.items():
+            scale = key[-1]
+            q = torch.stack([c[2] for c in calls]).float()  # [calls, items, heads, n, d]
+            lse = torch.stack([c[4] for c in calls]).float()
+            total = calls[0][3].shape[2]
+            runs = tap.columns_for(total) or (slice(0, total),)
+            # the kept columns of each run stacked (a text sequence is mostly padding: never copy all of it)
+            k = torch.cat([torch.stack([c[3].narrow(2, r.start, r.stop - r.start) for c in calls]) for r in runs], 3)
+            g, b, h, n, d = q.shape
+            t = k.shape[3]
+            probs = text_probs(q.reshape(-1, n, d), k.float().reshape(-1, t, d).transpose(1, 2),
+                               lse.reshape(-1, n, 1), scale).view(g, b, h, n, t)
+            layers = list(dict.fromkeys(c[0] for c in calls))  # in the order they ran
+            if len(layers) < g:  # several steps of a layer: one sum per layer
+                where = torch.tensor([layers.index(c[0]) for c in calls], device=probs.device)
+                probs = probs.new_zeros((len(layers), b, h, n, t)).index_add_(0, where, probs)
+            attns = {c[0]: c[1] for c in calls}
+            for j, layer_index in enumerate(layers):
+                tap.show(layer_index, attns[layer_index], None, probs[j], slice(0, n), n, total)
 
 
 class _JointTapProcessor:

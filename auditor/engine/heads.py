@@ -76,11 +76,13 @@ def joint_kind(name: str, module) -> str | None:
 def text_attention_modules(denoiser) -> list[tuple[str, object]]:
     """(name, module) of every attention module of ``denoiser`` whose keys include the text, in forward order:
     cross-attention when it has any (UNets, PixArt), else joint and single-stream attention (SD3, Flux)."""
-    cross = cross_attention_modules(denoiser)
-    if cross:
-        return cross
-    found = [(n, m) for n, m in denoiser.named_modules() if joint_kind(n, m) is not None]
-    return sorted(found, key=lambda nm: _layer_key(nm[0]))
+    cross, joint = [], []
+    for n, m in denoiser.named_modules():  # one walk (a trace is set up per generation)
+        if is_cross_attention(n, m):
+            cross.append((n, m))
+        elif joint_kind(n, m) is not None:
+            joint.append((n, m))
+    return sorted(cross or joint, key=lambda nm: _layer_key(nm[0]))
 
 
 _HEAD_NAME = re.compile(r"^(?P<layer>.+)#h(?P<j>\d+)$")

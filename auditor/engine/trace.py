@@ -46,11 +46,19 @@ class Trace(Tap):
             if not self.columns or self.columns[0] < 0:
                 raise AuditorError(f"tokens must be non-negative token indices, got {tokens!r}")
         self.relevance = relevance
-        self.buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
         self.seq_len: int | None = None
 
+    sums_only = True  # on_attention adds each call's probabilities to its layer's sum, nothing else
+
+    @property
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Layer name -> its sum ``[items, heads, h*w, T]`` (calls the recorder had not yet scored are first)."""
+        self.flush()
+        return self._buffers
+
     def reset(self) -> None:
-        self.buffers = {}
+        self._buffers = {}
         if self.prompt_columns:
             self.columns = None  # the next generation's prompts decide
 
@@ -75,10 +83,10 @@ class Trace(Tap):
     def on_attention(self, layer_index, attn, query, probs, rows, n) -> None:
         name = self.head_index.layers[layer_index]
         shape = (probs.shape[0], probs.shape[1], n, probs.shape[3])
-        buf = self.buffers.get(name)
+        buf = self._buffers.get(name)
         if buf is None or buf.shape != shape:
             # (a shape change means a new resolution or batch without a new encode_prompt: start this layer over)
-            buf = self.buffers[name] = torch.zeros(shape, dtype=torch.float32, device=probs.device)
+            buf = self._buffers[name] = torch.zeros(shape, dtype=torch.float32, device=probs.device)
         (buf if probs.shape[2] == n else buf[:, :, rows]).add_(probs)
 
     # --- reading ----------------------------------------------------------------------------------------------
