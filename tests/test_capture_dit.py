@@ -94,14 +94,20 @@ def _traced_with_reference(pipe, **kw):
 
 @pytest.mark.parametrize("family, kernel", [("pixart", None)] + [(f, k) for f in FAMILIES[1:]
                                                                 for k in ("flash", "flash-at-once", "flash-bounded",
-                                                                          "explicit")])
+                                                                          "flash-chunked", "explicit")])
 def test_probabilities_equal_explicit_reference(family, kernel, monkeypatch):
     """Joint attention's recorded rows come from CPU flash attention's log-sum-exp where SDPA runs that kernel,
     else from explicit scores: every path against the reference. Small calls wait and are scored together
     ("flash"); "flash-at-once" scores each call as it runs, as a large layer's are; "flash-bounded" lets no more
-    than one call wait (the bound on what waiting calls hold), so they are scored a few at a time."""
+    than one call wait (the bound on what waiting calls hold), so they are scored a few at a time; "flash-chunked"
+    scores the waiting calls one per batched product (the products' cache-sized bound)."""
+    products = []
+    if kernel == "flash-chunked":
+        monkeypatch.setattr(capture_dit, "CPU_BLOCK_BYTES", 1)
+        score = capture_dit.text_probs
+        monkeypatch.setattr(capture_dit, "text_probs", lambda *a: products.append(1) or score(*a))
     if kernel == "flash-at-once":
-        monkeypatch.setattr(capture_dit, "DEFER_CALL_BYTES", 0)
+        monkeypatch.setattr(capture_dit, "DEFER_SCORE_BYTES", 0)
     flushed = []
     if kernel == "flash-bounded":
         monkeypatch.setattr(capture_dit, "DEFER_TOTAL_BYTES", 1)
@@ -119,9 +125,11 @@ def test_probabilities_equal_explicit_reference(family, kernel, monkeypatch):
     monkeypatch.setattr(capture_dit, "_sdpa_with_lse", spy)
     tr, ref, images = _traced_with_reference(td.shared(family), prompt=["a red cat", "a blue car"])
     assert kernel is None or (used and all(used) == kernel.startswith("flash"))
-    assert (tr.pending is not None) == (kernel in ("flash", "flash-bounded"))  # tiny calls wait unless told not to
+    assert (tr.pending is not None) == (kernel in ("flash", "flash-bounded", "flash-chunked"))  # tiny calls wait
     if kernel == "flash-bounded":  # every call scored as soon as it was kept: during the generation, not after it
         assert len(flushed) == 2 * len(ref) and set(flushed) == {1}
+    if kernel == "flash-chunked":  # two steps of every layer, one product each
+        assert len(products) == 2 * len(ref)
     assert set(tr.buffers) == set(ref) and tr.n_items == 2 == len(images)
     for name, r in ref.items():
         torch.testing.assert_close(tr.buffers[name], r, atol=1e-5, rtol=1e-4)

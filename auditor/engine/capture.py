@@ -111,7 +111,7 @@ class Tap:
         self.prompts_2 = prompts_2
         self.steps_seen = self.steps_counted = 0
         self.grids = {}
-        if self.pending is not None:  # a generation that did not finish being read: its calls go with it
+        if self.pending is not None:  # the previous generation's waiting calls go with its sums
             self.pending.clear()
         self.reset()
 

@@ -209,46 +209,52 @@ def text_probs(q: torch.Tensor, kt: torch.Tensor, lse: torch.Tensor, scale: floa
     return torch.baddbmm(lse, q, kt, beta=-1, alpha=scale).exp_()
 
 
-# A joint-attention call whose recorded tensors (queries, text keys, log-sum-exps) are smaller than this waits, and a
+# A joint-attention call whose probabilities on the kept text columns take fewer bytes than this waits, and a
 # generation's waiting calls are scored together (``PendingCalls``): at such sizes each tensor operation's fixed cost,
-# not its arithmetic, is what recording costs, so one batched product over every call beats one per call.
-DEFER_CALL_BYTES = 1 << 20
+# not its arithmetic, is what recording costs, so one batched product over many calls beats one per call. Larger
+# calls are scored at once, in cache-sized query blocks. The batched products are cache-sized too (CPU_BLOCK_BYTES).
+DEFER_SCORE_BYTES = CPU_BLOCK_BYTES // 8
 DEFER_TOTAL_BYTES = 64 << 20  # waiting calls are scored at once when the tensors they hold pass this
 
 
 def _defer(tap, layer_index: int, attn, q, k, lse, rec: slice, image: slice, text: slice, scale: float) -> bool:
     """Hand a small call to the tap's ``PendingCalls`` (True), or leave a large one to be recorded now (False)."""
-    size = (q.numel() + k.numel() + lse.numel()) * q.element_size()
-    if size > DEFER_CALL_BYTES or q.device.type != "cpu":
+    if q.device.type != "cpu":
+        return False
+    runs = tap.columns_for(text.stop - text.start)  # (a column past the sequence is refused here, during the call)
+    kept = text.stop - text.start if runs is None else sum(r.stop - r.start for r in runs)
+    n = image.stop - image.start
+    if (q.shape[0] - rec.start) * q.shape[1] * n * kept * 4 > DEFER_SCORE_BYTES:
         return False
     name = tap.head_index.layers[layer_index]
-    if name not in tap.grids:  # a layer's first call of the generation
-        # a column past the sequence is refused during the call, as when recording at once
-        tap.columns_for(text.stop - text.start)
-        tap.grids[name] = layer_grid(tap.latent_size, image.stop - image.start)  # this generation's patch grid
+    if name not in tap.grids:  # a layer's first call of the generation: this generation's patch grid
+        tap.grids[name] = layer_grid(tap.latent_size, n)
     if tap.pending is None:
         tap.pending = PendingCalls()
     tap.pending.add(tap, (q.shape, k.shape, rec.start, image.start, image.stop, text.start, text.stop, scale),
-                    layer_index, attn, q[rec, :, image], k[rec, :, text], lse[rec, :, image], size)
+                    layer_index, attn, q[rec, :, image], k[rec, :, text], lse[rec, :, image],
+                    (q.numel() + k.numel() + lse.numel()) * q.element_size())
     return True
 
 
 class PendingCalls:
     """Joint-attention calls of a tap that only sums probabilities (``Tap.sums_only``), scored later together.
 
-    Each call keeps views of its recorded items' image queries, text keys and log-sum-exps; ``flush`` stacks the calls
-    of one shape, computes every call's probabilities on the kept text columns in one ``text_probs``, sums them per
-    layer and shows each layer's sum to the tap once, as one call would. The sums equal those of recording each call
-    at once (up to float32 rounding of the order of addition)."""
+    Each call keeps views of its recorded items' image queries, text keys and log-sum-exps (``nbytes`` counts the
+    tensors they hold alive); ``flush`` stacks calls of one shape a cache-sized chunk at a time, computes their
+    probabilities on the kept text columns in one ``text_probs`` per chunk, adds them into one sum per layer and
+    shows each layer's sum to the tap once, as one call would. The sums equal those of recording each call at once
+    (up to float32 rounding of the order of addition)."""
 
     def __init__(self):
         self.groups: dict[tuple, list] = {}
         self.nbytes = 0
 
-    def add(self, tap, key: tuple, layer_index: int, attn, q, k_text, lse, size: int) -> None:
-        """Keep one call (``q`` [items, heads, n, d], ``k_text`` [items, heads, T, d], ``lse`` [items, heads, n])."""
+    def add(self, tap, key: tuple, layer_index: int, attn, q, k_text, lse, held: int) -> None:
+        """Keep one call (``q`` [items, heads, n, d], ``k_text`` [items, heads, T, d], ``lse`` [items, heads, n];
+        ``held`` the bytes of the tensors they are views of)."""
         self.groups.setdefault(key, []).append((layer_index, attn, q, k_text, lse))
-        self.nbytes += size
+        self.nbytes += held
         if self.nbytes > DEFER_TOTAL_BYTES:
             self.flush(tap)
 
@@ -260,24 +266,27 @@ class PendingCalls:
         groups = self.groups
         self.clear()
         for key, calls in groups.items():
-            scale = key[-1]
-            q = torch.stack([c[2] for c in calls]).float()  # [calls, items, heads, n, d]
-            lse = torch.stack([c[4] for c in calls]).float()
-            total = calls[0][3].shape[2]
+            scale, total = key[-1], calls[0][3].shape[2]
             runs = tap.columns_for(total) or (slice(0, total),)
-            # the kept columns of each run stacked (a text sequence is mostly padding: never copy all of it)
-            k = torch.cat([torch.stack([c[3].narrow(2, r.start, r.stop - r.start) for c in calls]) for r in runs], 3)
-            g, b, h, n, d = q.shape
-            t = k.shape[3]
-            probs = text_probs(q.reshape(-1, n, d), k.float().reshape(-1, t, d).transpose(1, 2),
-                               lse.reshape(-1, n, 1), scale).view(g, b, h, n, t)
+            b, h, n, d = calls[0][2].shape
+            t = sum(r.stop - r.start for r in runs)
             layers = list(dict.fromkeys(c[0] for c in calls))  # in the order they ran
-            if len(layers) < g:  # several steps of a layer: one sum per layer
-                where = torch.tensor([layers.index(c[0]) for c in calls], device=probs.device)
-                probs = probs.new_zeros((len(layers), b, h, n, t)).index_add_(0, where, probs)
+            sums = torch.zeros((len(layers), b, h, n, t), dtype=torch.float32, device=calls[0][2].device)
+            chunk = max(1, CPU_BLOCK_BYTES // (4 * b * h * n * t))
+            for start in range(0, len(calls), chunk):
+                part = calls[start:start + chunk]
+                q = torch.stack([c[2] for c in part]).float()  # [calls, items, heads, n, d]
+                lse = torch.stack([c[4] for c in part]).float()
+                # each run of kept columns stacked alone (a text sequence is mostly padding: never copy all of it)
+                k = torch.cat([torch.stack([c[3].narrow(2, r.start, r.stop - r.start) for c in part]) for r in runs],
+                              3)
+                probs = text_probs(q.reshape(-1, n, d), k.float().reshape(-1, t, d).transpose(1, 2),
+                                   lse.reshape(-1, n, 1), scale).view(len(part), b, h, n, t)
+                where = torch.tensor([layers.index(c[0]) for c in part], device=sums.device)
+                sums.index_add_(0, where, probs)
             attns = {c[0]: c[1] for c in calls}
             for j, layer_index in enumerate(layers):
-                tap.show(layer_index, attns[layer_index], None, probs[j], slice(0, n), n, total)
+                tap.show(layer_index, attns[layer_index], None, sums[j], slice(0, n), n, total)
 
 
 class _JointTapProcessor:
