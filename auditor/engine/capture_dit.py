@@ -334,13 +334,14 @@ class _FluxTapProcessor:
     is_tap = True
 
     def __init__(self, tap, layer_index: int, stock):
-        self.tap, self.layer_index, self.stock = tap, layer_index, stock
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        self.tap, self.layer_index, self.stock = tap, layer_index, stock
+        self.rotate, self.projections = apply_rotary_emb, _get_qkv_projections  # the stock processor's own steps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        query, key, value, eq, ek, ev = self.projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
@@ -356,8 +357,8 @@ class _FluxTapProcessor:
             if n_text is None:
                 raise AuditorError("a single-stream block ran before the transformer's text length was seen")
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query = self.rotate(query, image_rotary_emb, sequence_dim=1)
+            key = self.rotate(key, image_rotary_emb, sequence_dim=1)
         s = query.shape[1]
         out = joint_attention(self.tap, self.layer_index, attn, query.transpose(1, 2), key.transpose(1, 2),
                               value.transpose(1, 2), attention_mask, slice(n_text, s), slice(0, n_text))
