@@ -171,7 +171,7 @@ class Tap:
     def flush(self) -> None:
         """Score the calls still waiting (``sums_only`` taps): whoever reads what ``on_attention`` summed calls
         this first."""
-        if self.pending is not None and self.pending.groups:
+        if self.pending is not None and self.pending.calls:
             self.pending.flush(self)
 
     def columns_for(self, total: int) -> tuple[slice, ...] | None:

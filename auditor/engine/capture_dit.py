@@ -218,75 +218,92 @@ DEFER_TOTAL_BYTES = 64 << 20  # waiting calls are scored at once when the tensor
 
 
 def _defer(tap, layer_index: int, attn, q, k, lse, rec: slice, image: slice, text: slice, scale: float) -> bool:
-    """Hand a small call to the tap's ``PendingCalls`` (True), or leave a large one to be recorded now (False)."""
-    if q.device.type != "cpu":
+    """Hand a small call to the tap's ``PendingCalls`` (True), or leave a large one to be recorded now (False).
+
+    Runs at every layer call, so it does as little as it can: a layer's first call of a generation decides for the
+    layer's later ones (their shapes are the same), and the call is kept as it came, sliced only when scored."""
+    pending = tap.pending
+    if pending is None:
+        pending = tap.pending = PendingCalls()
+    held = pending.layer_bytes.get(layer_index)
+    if held is None:
+        held = pending.layer_bytes[layer_index] = _waiting_bytes(tap, layer_index, q, k, lse, rec, image, text)
+    if not held:
         return False
+    pending.calls.append((layer_index, attn, q, k, lse, rec.start, image, text, scale))
+    pending.nbytes += held
+    if pending.nbytes > DEFER_TOTAL_BYTES:
+        pending.flush(tap)
+    return True
+
+
+def _waiting_bytes(tap, layer_index: int, q, k, lse, rec: slice, image: slice, text: slice) -> int:
+    """The bytes a call of this layer holds while it waits (its queries, keys and log-sum-exps), or 0 when its
+    probabilities on the kept columns are too large to wait or it is not on the CPU."""
     runs = tap.columns_for(text.stop - text.start)  # (a column past the sequence is refused here, during the call)
     kept = text.stop - text.start if runs is None else sum(r.stop - r.start for r in runs)
     n = image.stop - image.start
-    if (q.shape[0] - rec.start) * q.shape[1] * n * kept * 4 > DEFER_SCORE_BYTES:
-        return False
-    name = tap.head_index.layers[layer_index]
-    if name not in tap.grids:  # a layer's first call of the generation: this generation's patch grid
-        tap.grids[name] = layer_grid(tap.latent_size, n)
-    if tap.pending is None:
-        tap.pending = PendingCalls()
-    tap.pending.add(tap, (q.shape, k.shape, rec.start, image.start, image.stop, text.start, text.stop, scale),
-                    layer_index, attn, q[rec, :, image], k[rec, :, text], lse[rec, :, image],
-                    (q.numel() + k.numel() + lse.numel()) * q.element_size())
-    return True
+    if q.device.type != "cpu" or (q.shape[0] - rec.start) * q.shape[1] * n * kept * 4 > DEFER_SCORE_BYTES:
+        return 0
+    tap.grids[tap.head_index.layers[layer_index]] = layer_grid(tap.latent_size, n)  # this generation's patch grid
+    return (q.numel() + k.numel() + lse.numel()) * q.element_size()
 
 
 class PendingCalls:
     """Joint-attention calls of a tap that only sums probabilities (``Tap.sums_only``), scored later together.
 
-    Each call keeps views of its recorded items' image queries, text keys and log-sum-exps (``nbytes`` counts the
-    tensors they hold alive); ``flush`` stacks calls of one shape a cache-sized chunk at a time, computes their
-    probabilities on the kept text columns in one ``text_probs`` per chunk, adds them into one sum per layer and
-    shows each layer's sum to the tap once, as one call would. The sums equal those of recording each call at once
-    (up to float32 rounding of the order of addition)."""
+    Each call is kept as the processor had it (queries, keys and log-sum-exps of the whole joint sequence, with the
+    recorded items' and image queries' slices; ``nbytes`` counts the tensors held). ``flush`` groups the calls by
+    shape, stacks the recorded slices a cache-sized chunk at a time, computes their probabilities on the kept text
+    columns in one ``text_probs`` per chunk, adds them into one sum per layer and shows each layer's sum to the tap
+    once, as one call would. The sums equal those of recording each call at once (up to float32 rounding of the
+    order of addition)."""
 
     def __init__(self):
-        self.groups: dict[tuple, list] = {}
+        self.calls: list[tuple] = []
         self.nbytes = 0
-
-    def add(self, tap, key: tuple, layer_index: int, attn, q, k_text, lse, held: int) -> None:
-        """Keep one call (``q`` [items, heads, n, d], ``k_text`` [items, heads, T, d], ``lse`` [items, heads, n];
-        ``held`` the bytes of the tensors they are views of)."""
-        self.groups.setdefault(key, []).append((layer_index, attn, q, k_text, lse))
-        self.nbytes += held
-        if self.nbytes > DEFER_TOTAL_BYTES:
-            self.flush(tap)
+        self.layer_bytes: dict[int, int] = {}  # per layer: what a call holds while waiting, 0 when it does not wait
 
     def clear(self) -> None:
-        self.groups, self.nbytes = {}, 0
+        """Forget the waiting calls and the layers' decisions (a new generation starts)."""
+        self.calls, self.nbytes, self.layer_bytes = [], 0, {}
 
     def flush(self, tap) -> None:
         """Score every waiting call and show the tap each layer's sum."""
-        groups = self.groups
-        self.clear()
-        for key, calls in groups.items():
-            scale, total = key[-1], calls[0][3].shape[2]
-            runs = tap.columns_for(total) or (slice(0, total),)
-            b, h, n, d = calls[0][2].shape
-            t = sum(r.stop - r.start for r in runs)
-            layers = list(dict.fromkeys(c[0] for c in calls))  # in the order they ran
-            sums = torch.zeros((len(layers), b, h, n, t), dtype=torch.float32, device=calls[0][2].device)
-            chunk = max(1, CPU_BLOCK_BYTES // (4 * b * h * n * t))
-            for start in range(0, len(calls), chunk):
-                part = calls[start:start + chunk]
-                q = torch.stack([c[2] for c in part]).float()  # [calls, items, heads, n, d]
-                lse = torch.stack([c[4] for c in part]).float()
-                # each run of kept columns stacked alone (a text sequence is mostly padding: never copy all of it)
-                k = torch.cat([torch.stack([c[3].narrow(2, r.start, r.stop - r.start) for c in part]) for r in runs],
-                              3)
-                probs = text_probs(q.reshape(-1, n, d), k.float().reshape(-1, t, d).transpose(1, 2),
-                                   lse.reshape(-1, n, 1), scale).view(len(part), b, h, n, t)
-                where = torch.tensor([layers.index(c[0]) for c in part], device=sums.device)
-                sums.index_add_(0, where, probs)
-            attns = {c[0]: c[1] for c in calls}
-            for j, layer_index in enumerate(layers):
-                tap.show(layer_index, attns[layer_index], None, sums[j], slice(0, n), n, total)
+        calls, self.calls, self.nbytes = self.calls, [], 0
+        groups: dict[tuple, list] = {}
+        for c in calls:
+            q, k, lo, image, text = c[2], c[3], c[5], c[6], c[7]
+            key = (q.shape, k.shape, lo, image.start, image.stop, text.start, text.stop, c[8])
+            groups.setdefault(key, []).append(c)
+        for group in groups.values():
+            self._score(tap, group)
+
+    @staticmethod
+    def _score(tap, calls: list[tuple]) -> None:
+        """One shape's calls: their probabilities summed per layer and shown to the tap."""
+        _, _, q0, _, _, lo, image, text, scale = calls[0]
+        total = text.stop - text.start
+        runs = tap.columns_for(total) or (slice(0, total),)
+        b, h, n, d = q0.shape[0] - lo, q0.shape[1], image.stop - image.start, q0.shape[3]
+        t = sum(r.stop - r.start for r in runs)
+        layers = list(dict.fromkeys(c[0] for c in calls))  # in the order they ran
+        sums = torch.zeros((len(layers), b, h, n, t), dtype=torch.float32, device=q0.device)
+        chunk = max(1, CPU_BLOCK_BYTES // (4 * b * h * n * t))
+        for start in range(0, len(calls), chunk):
+            part = calls[start:start + chunk]
+            q = torch.stack([c[2][lo:, :, image] for c in part]).float()  # [calls, items, heads, n, d]
+            lse = torch.stack([c[4][lo:, :, image] for c in part]).float()
+            # each run of kept columns stacked alone (a text sequence is mostly padding: never copy all of it)
+            k = torch.cat([torch.stack([c[3][lo:, :, text.start + r.start:text.start + r.stop] for c in part])
+                           for r in runs], 3)
+            probs = text_probs(q.reshape(-1, n, d), k.float().reshape(-1, t, d).transpose(1, 2),
+                               lse.reshape(-1, n, 1), scale).view(len(part), b, h, n, t)
+            where = torch.tensor([layers.index(c[0]) for c in part], device=sums.device)
+            sums.index_add_(0, where, probs)
+        attns = {c[0]: c[1] for c in calls}
+        for j, layer_index in enumerate(layers):
+            tap.show(layer_index, attns[layer_index], None, sums[j], slice(0, n), n, total)
 
 
 class _JointTapProcessor:
