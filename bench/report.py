@@ -708,7 +708,8 @@ def costs_section(results: dict, elapsed: float | None) -> str:
         for run in co["runs"]:
             side = "x".join(map(str, run["image"]))
             L.append(f"| capture overhead, {side}: traced / plain CPU time (median of {run['pairs']} pairs) | "
-                     f"{run['cpu']['ratio_median']:.3f} (UNet step {run['unet_step']['ratio']:.3f}) | "
+                     f"{run['cpu']['ratio_median']:.3f}, the audit's columns {run['cpu_prompt']['ratio_median']:.3f} "
+                     f"(UNet step {run['unet_step']['ratio']:.3f}) | "
                      f"`bench/capture_overhead.py` on {co['model']}, {co['date']} |")
     au = results.get("audit_cost")
     if au:
