@@ -53,7 +53,7 @@ class Trace(Tap):
 
     @property
     def buffers(self) -> dict[str, torch.Tensor]:
-        """Layer name -> its sum ``[items, heads, h*w, T]`` (calls the recorder had not yet scored are first)."""
+        """Layer name -> its sum ``[items, heads, h*w, T]`` (calls the recorder kept waiting are scored first)."""
         self.flush()
         return self._buffers
 
