@@ -595,11 +595,7 @@ def selfcal(args) -> None:
     g2 = generate(lm2, profile2, v2_set, "v2eval")
 
     def judged(th) -> dict:
-        d = defect_scores(g2, th)
-        d["green_misbound_per_prompt"] = prompt_level_scores(g2, th)
-        return {"thresholds": th.to_json(), "v1_healthy_flag_rate": false_flag_rate(g1, th),
-                "v1_all_flag_rate": false_flag_rate(g1, th, False),
-                "v2_defects": {n: {"precision": v["precision"], "recall": v["recall"]} for n, v in d.items()}}
+        return judged_by(g1, g2, th, th)
 
     res = {"oracle": judged(profile.thresholds), "budgets": {}, "one_pass_budgets": {}}
     for b in args.budgets:
@@ -619,6 +615,16 @@ def selfcal(args) -> None:
     print(json.dumps(res, indent=1))
 
 
+def judged_by(g1: list, g2: list, th, th2) -> dict:
+    """Thresholds ``th`` judged as the shipped ones are: flag rates on the healthy v1 generations ``g1``, and each
+    planted defect's precision and recall on the v2 generations ``g2`` under ``th2`` (v2's judging thresholds)."""
+    d = defect_scores(g2, th2)
+    d["green_misbound_per_prompt"] = prompt_level_scores(g2, th2)
+    return {"thresholds": th.to_json(), "v1_healthy_flag_rate": false_flag_rate(g1, th),
+            "v1_all_flag_rate": false_flag_rate(g1, th, False),
+            "v2_defects": {n: {"precision": v["precision"], "recall": v["recall"]} for n, v in d.items()}}
+
+
 def judged_end_to_end(args, lm, lm2, v1_set: list, v2_set: list) -> dict:
     """A profile ``auditor calibrate --model shapes-v1`` wrote (its own relevance, ranking, k and self-set
     thresholds: the user's path) judged like the shipped one; shapes-v2 judged by its ranking, k and thresholds,
@@ -636,16 +642,12 @@ def judged_end_to_end(args, lm, lm2, v1_set: list, v2_set: list) -> dict:
     tag = "calibrate-" + prof.sha256[:8]
     g1 = generate(lm, prof, v1_set, tag + "-v1eval")
     g2 = generate(lm2, v2, v2_set, tag + "-v2eval")
-    th, th2 = prof.judging_thresholds(), v2.judging_thresholds()
-    d = defect_scores(g2, th2)
-    d["green_misbound_per_prompt"] = prompt_level_scores(g2, th2)
     made = prof.provenance.get("thresholds", {})
     return {"profile": shown(Path(args.profile)), "profile_sha256": prof.sha256, "k_per_category": prof.k_per_category(),
-            "thresholds": th.to_json(), "threshold_provenance": made,
+            "threshold_provenance": made,
             "ranking_prompts": prof.ranking.budget_prompts, "relevance_prompts": prof.relevance.budget_prompts,
             "ranking_converged": prof.ranking.converged, "relevance_converged": prof.relevance.converged,
-            "v1_healthy_flag_rate": false_flag_rate(g1, th), "v1_all_flag_rate": false_flag_rate(g1, th, False),
-            "v2_defects": {n: {"precision": v["precision"], "recall": v["recall"]} for n, v in d.items()}}
+            **judged_by(g1, g2, prof.judging_thresholds(), v2.judging_thresholds())}
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------

@@ -87,10 +87,11 @@ def rate(xs) -> dict:
     return {"rate": round(float(xs.mean()), 4) if n else float("nan"), "n": n, "ci95": [round(lo, 4), round(hi, 4)]}
 
 
-def fidelity(pipe, n: int, seed: int, defects=False) -> dict:
+def fidelity(pipe, n: int, seed: int, defects=False, guidance=GUIDANCE, first_image_seed: int = 0) -> dict:
     singles = heldout_samples(n // 2, "single", seed, defects)
     pairs = heldout_samples(n - n // 2, "pair", seed + 1, defects)
-    imgs = generate(pipe, [s.prompt for s in singles + pairs], list(range(len(singles) + len(pairs))))
+    imgs = generate(pipe, [s.prompt for s in singles + pairs], list(range(first_image_seed, first_image_seed + n)),
+                    guidance=guidance)
     ok_single, colour_any, position_given_colour = [], [], []
     for s, im in zip(singles, imgs[: len(singles)]):
         f, ok = single_check(s, im)

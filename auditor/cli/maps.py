@@ -22,8 +22,9 @@ def _guidance_for(lm, given: float | None) -> float:
     if lm.source == "bundled":
         from auditor.registry import bundled_source
 
-        if bundled_source().guidance is not None:
-            return bundled_source().guidance
+        own = bundled_source().guidance
+        if own is not None:
+            return own
     return DEFAULT_GUIDANCE
 
 
