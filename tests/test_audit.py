@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from auditor.runs import gate
-from killing import kill_after_stored
+from killing import kill_after_stored, start_audit, stored_rows
 
 TINY = """\
 name: tiny
@@ -208,6 +208,16 @@ def _comparable(res: dict) -> list:
     return [{k: v for k, v in g.items()} for g in res["generations"]]
 
 
+def test_polling_a_run_being_created_leaves_its_folder_as_it_was(tmp_path):
+    # The kill tests poll the run folder while the audit creates it; a poll that made an empty run.sqlite there
+    # would make the audit refuse the folder (a database without a manifest).
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(sqlite3.Error):
+        stored_rows(run)
+    assert list(run.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_results(tiny_suite, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -215,8 +225,8 @@ def test_killed_run_resumes_to_the_same_results(tiny_suite, tmp_path):
     # sees two rows and the kill, however loaded the machine is.
     cmd = [sys.executable, "-m", "auditor", "audit", str(tiny_suite), "--no-pdf", "--seeds", "0,1,2,3,4,5"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kept = kill_after_stored(proc, killed)
+    log = tmp_path / "killed.stderr"
+    kept = kill_after_stored(start_audit(cmd + ["--out", str(killed)], env, log), killed, log=log)
     assert 2 <= len(kept) < 12 and not (killed / "results.json").exists()
 
     r = subprocess.run(cmd + ["--resume", str(killed), "--json"], env=env, capture_output=True, text=True, timeout=600)

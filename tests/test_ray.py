@@ -16,7 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from killing import kill_after_stored, stored_rows  # noqa: E402
+from killing import kill_after_stored, start_audit, stored_rows  # noqa: E402
 from test_batch import assert_same_run  # noqa: E402  (after the skip: it needs nothing of Ray)
 
 pytestmark = pytest.mark.slow
@@ -168,9 +168,8 @@ def _driver(suite: Path, address: str, *args: str) -> list[str]:
 def test_a_killed_driver_resumes_to_the_same_results(cluster, suite, local_run, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_driver(suite, cluster, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    kept = kill_after_stored(proc, killed)
+    log = tmp_path / "killed.stderr"
+    kept = kill_after_stored(start_audit(_driver(suite, cluster, "--out", str(killed)), env, log), killed, log=log)
     assert 2 <= len(kept) < PLANNED and not (killed / "results.json").exists()
 
     r = subprocess.run(_driver(suite, cluster, "--resume", str(killed), "--json"), env=env, capture_output=True,
