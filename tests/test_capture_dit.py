@@ -189,6 +189,17 @@ def test_non_square_patch_grid(family):
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_trace_read_inside_its_block_sees_the_calls_still_waiting(family):
+    # maps ask for the layers' grids before their sums: the grids must be known while the calls wait
+    pipe = td.shared(family)
+    with trace(pipe) as tr:
+        td.generate(pipe, height=64, width=96)
+        assert tr.pending.calls and set(tr.grids.values()) == {(4, 6)} and len(tr.grids) == len(tr.layers)
+        assert tr.maps("cat", method="all_heads", size="latent").shape == (4, 6)
+        assert not tr.pending.calls
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_buffers_do_not_grow_with_steps(family):
     pipe = td.shared(family)
     with trace(pipe) as short:

@@ -227,7 +227,10 @@ def _defer(tap, layer_index: int, attn, q, k, lse, rec: slice, image: slice, tex
         pending = tap.pending = PendingCalls()
     held = pending.layer_bytes.get(layer_index)
     if held is None:
-        held = pending.layer_bytes[layer_index] = _waiting_bytes(tap, layer_index, q, k, lse, rec, image, text)
+        held = pending.layer_bytes[layer_index] = _waiting_bytes(tap, q, k, lse, rec, image, text)
+        if held:  # read before the calls are scored (maps ask for a layer's grid first): this generation's grid
+            n = image.stop - image.start
+            tap.grids[tap.head_index.layers[layer_index]] = layer_grid(tap.latent_size, n)
     if not held:
         return False
     pending.calls.append((layer_index, attn, q, k, lse, rec.start, image, text, scale))
@@ -237,7 +240,7 @@ def _defer(tap, layer_index: int, attn, q, k, lse, rec: slice, image: slice, tex
     return True
 
 
-def _waiting_bytes(tap, layer_index: int, q, k, lse, rec: slice, image: slice, text: slice) -> int:
+def _waiting_bytes(tap, q, k, lse, rec: slice, image: slice, text: slice) -> int:
     """The bytes a call of this layer holds while it waits (its queries, keys and log-sum-exps), or 0 when its
     probabilities on the kept columns are too large to wait or it is not on the CPU."""
     runs = tap.columns_for(text.stop - text.start)  # (a column past the sequence is refused here, during the call)
@@ -245,7 +248,6 @@ def _waiting_bytes(tap, layer_index: int, q, k, lse, rec: slice, image: slice, t
     n = image.stop - image.start
     if q.device.type != "cpu" or (q.shape[0] - rec.start) * q.shape[1] * n * kept * 4 > DEFER_SCORE_BYTES:
         return 0
-    tap.grids[tap.head_index.layers[layer_index]] = layer_grid(tap.latent_size, n)  # this generation's patch grid
     return (q.numel() + k.numel() + lse.numel()) * q.element_size()
 
 
@@ -260,6 +262,7 @@ class PendingCalls:
     order of addition)."""
 
     def __init__(self):
+        # a call: (layer index, module, q, k, lse, first recorded item, image slice, text slice, scale)
         self.calls: list[tuple] = []
         self.nbytes = 0
         self.layer_bytes: dict[int, int] = {}  # per layer: what a call holds while waiting, 0 when it does not wait
@@ -273,8 +276,8 @@ class PendingCalls:
         calls, self.calls, self.nbytes = self.calls, [], 0
         groups: dict[tuple, list] = {}
         for c in calls:
-            q, k, lo, image, text = c[2], c[3], c[5], c[6], c[7]
-            key = (q.shape, k.shape, lo, image.start, image.stop, text.start, text.stop, c[8])
+            _, _, q, k, _, lo, image, text, scale = c  # as ``_defer`` keeps it
+            key = (q.shape, k.shape, lo, image.start, image.stop, text.start, text.stop, scale)
             groups.setdefault(key, []).append(c)
         for group in groups.values():
             self._score(tap, group)
@@ -287,8 +290,9 @@ class PendingCalls:
         runs = tap.columns_for(total) or (slice(0, total),)
         b, h, n, d = q0.shape[0] - lo, q0.shape[1], image.stop - image.start, q0.shape[3]
         t = sum(r.stop - r.start for r in runs)
-        layers = list(dict.fromkeys(c[0] for c in calls))  # in the order they ran
-        sums = torch.zeros((len(layers), b, h, n, t), dtype=torch.float32, device=q0.device)
+        attns = {c[0]: c[1] for c in calls}  # layer -> its module, layers in the order they ran
+        position = {layer_index: j for j, layer_index in enumerate(attns)}
+        sums = torch.zeros((len(attns), b, h, n, t), dtype=torch.float32, device=q0.device)
         chunk = max(1, CPU_BLOCK_BYTES // (4 * b * h * n * t))
         for start in range(0, len(calls), chunk):
             part = calls[start:start + chunk]
@@ -299,11 +303,10 @@ class PendingCalls:
                            for r in runs], 3)
             probs = text_probs(q.reshape(-1, n, d), k.float().reshape(-1, t, d).transpose(1, 2),
                                lse.reshape(-1, n, 1), scale).view(len(part), b, h, n, t)
-            where = torch.tensor([layers.index(c[0]) for c in part], device=sums.device)
+            where = torch.tensor([position[c[0]] for c in part], device=sums.device)
             sums.index_add_(0, where, probs)
-        attns = {c[0]: c[1] for c in calls}
-        for j, layer_index in enumerate(layers):
-            tap.show(layer_index, attns[layer_index], None, sums[j], slice(0, n), n, total)
+        for j, (layer_index, attn) in enumerate(attns.items()):
+            tap.show(layer_index, attn, None, sums[j], slice(0, n), n, total)
 
 
 class _JointTapProcessor:
